@@ -1,0 +1,49 @@
+"""Small helpers shared by the kernel-side modules: chunking encoded batches and running no-grad
+forward passes over many instances."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's input embedding (where token ids must go)."""
+    try:
+        return model.get_input_embeddings().weight.device
+    except (AttributeError, NotImplementedError):
+        return next(model.parameters()).device
+
+
+def trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the padding columns that every row of a right-padded batch shares."""
+    width = int(batch["attention_mask"].sum(1).max())
+    return {k: v[:, :width] for k, v in batch.items()}
+
+
+def chunks(batch: dict[str, torch.Tensor], size: int | None) -> Iterator[tuple[slice, dict[str, torch.Tensor]]]:
+    """Rows of a batch ``size`` at a time (all at once when ``size`` is None), trimmed of shared padding."""
+    n = batch["input_ids"].shape[0]
+    size = n if not size else size
+    for start in range(0, n, size):
+        rows = slice(start, min(n, start + size))
+        yield rows, trim({k: v[rows] for k, v in batch.items()})
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Align next-token logits with their labels: ``(logits[:, :-1], labels[:, 1:], mask)``."""
+    lab = labels[:, 1:]
+    return logits[:, :-1], lab, lab != -100
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each label token, ``[instance, position-1]``, and the answer mask (0 elsewhere)."""
+    lg, lab, mask = shifted(logits, labels)
+    logp = torch.log_softmax(lg.float() if lg.dtype in (torch.float16, torch.bfloat16) else lg, dim=-1)
+    picked = logp.gather(-1, lab.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return picked * mask, mask
