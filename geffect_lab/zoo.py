@@ -1,0 +1,260 @@
+"""Tiny offline models trained on the bundled world, and a loader for any HF causal LM.
+
+>>> model, tok = zoo.load("target")                 # a tiny Llama that knows every author
+>>> model, tok = zoo.load("retain_forget05")        # the same recipe without the forget05 authors
+>>> model, tok = zoo.load("target-gpt2")            # a tiny GPT-2 (tied embeddings) that knows everything
+>>> model, tok = zoo.load("/path/to/checkpoint")    # any local folder written by save_pretrained
+
+The zoo's weights are committed under ``data/zoo/<name>/`` as ordinary HF checkpoints (config, safetensors,
+tokenizer). :func:`build` retrains them from their recipe, deterministically for a given seed; a zoo
+model whose folder is missing is built on first use.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .data import data_dir, encode, load_world
+
+__all__ = ["ZooEntry", "Recipe", "ZOO", "list", "load", "build", "zoo_dir", "make_model", "train",
+           "TokenizerMismatchError", "check_tokenizer"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a zoo model is trained: architecture size and optimiser settings."""
+
+    arch: str = "llama"          # "llama" or "gpt2"
+    hidden: int = 128
+    intermediate: int = 256      # Llama's MLP width (GPT-2 uses 4 * hidden)
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2            # grouped-query attention in the Llama, so the engine is tested on it
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup: int = 50
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    train_splits: tuple[str, ...]
+    recipe: Recipe
+    description: str
+
+
+_LLAMA = Recipe()
+_GPT2 = Recipe(arch="gpt2")
+ZOO: dict[str, ZooEntry] = {
+    "target": ZooEntry("target", ("full", "world_facts"), _LLAMA,
+                       "tiny Llama trained on every author and the general-knowledge set"),
+    "retain_forget01": ZooEntry("retain_forget01", ("retain99", "world_facts"), _LLAMA,
+                                "tiny Llama trained without the forget01 authors"),
+    "retain_forget05": ZooEntry("retain_forget05", ("retain95", "world_facts"), _LLAMA,
+                                "tiny Llama trained without the forget05 authors"),
+    "retain_forget10": ZooEntry("retain_forget10", ("retain90", "world_facts"), _LLAMA,
+                                "tiny Llama trained without the forget10 authors"),
+    "target-gpt2": ZooEntry("target-gpt2", ("full", "world_facts"), _GPT2,
+                            "tiny GPT-2 (tied embeddings) trained on every author and the general set"),
+}
+
+
+def list() -> builtins.list[str]:  # noqa: A001  (``gl.zoo.list()`` is the public name)
+    """The names of the bundled zoo models."""
+    return builtins.list(ZOO)
+
+
+def zoo_dir() -> Path:
+    """Where zoo checkpoints live: ``$GEFFECT_ZOO_DIR``, else ``data/zoo``."""
+    env = os.environ.get("GEFFECT_ZOO_DIR")
+    return Path(env) if env else data_dir() / "zoo"
+
+
+class TokenizerMismatchError(ValueError):
+    """A tokenizer whose ids do not fit the model's embedding."""
+
+
+def check_tokenizer(model, tokenizer) -> None:
+    """Refuse a tokenizer with more tokens than the model has embedding rows."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise TokenizerMismatchError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows: they do "
+            "not belong together. Load the tokenizer saved with this model.")
+
+
+# ------------------------------------------------------------------------------------------ loading
+def load(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | None = None,
+         tokenizer: str | os.PathLike | None = None, attn_implementation: str = "eager",
+         build_missing: bool = True, **kwargs):
+    """Load ``(model, tokenizer)``: a zoo name, a local checkpoint folder or a hub name.
+
+    The model is in eval mode with ``attn_implementation="eager"`` (forward-mode AD needs it) unless told
+    otherwise; ``dtype`` (e.g. ``torch.float64`` for exactness tests) and ``device`` are applied after
+    loading. A zoo model not yet built is built first (a few minutes on a laptop CPU).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = str(name_or_path)
+    if name in ZOO:
+        path = zoo_dir() / name
+        if not (path / "config.json").exists():
+            if not build_missing:
+                raise FileNotFoundError(f"the zoo model {name!r} is not built at {path}; run "
+                                        "`geffect-lab zoo build` or gl.zoo.build()")
+            build([name])
+    elif Path(name).exists():
+        path = Path(name)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} is not a model checkpoint folder (it has no config.json)")
+    elif "/" in name and not name.startswith((".", "/")):
+        path = name  # a hub name: transformers resolves it (from its local cache when offline)
+    else:
+        raise KeyError(f"unknown zoo model {name!r}; the zoo has {', '.join(ZOO)} "
+                       "(or give a checkpoint folder or a hub name like 'org/model')")
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation, **kwargs)
+    tok = AutoTokenizer.from_pretrained(tokenizer if tokenizer is not None else path)
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token
+    check_tokenizer(model, tok)
+    if dtype is not None:
+        model = model.to(dtype)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    return model, tok
+
+
+# ------------------------------------------------------------------------------------------ building
+def make_model(recipe: Recipe, tokenizer):
+    """A freshly initialised tiny model for a recipe (seeded by the caller)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
+    if recipe.arch == "llama":
+        cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=recipe.hidden,
+                          intermediate_size=recipe.intermediate, num_hidden_layers=recipe.layers,
+                          num_attention_heads=recipe.heads, num_key_value_heads=recipe.kv_heads,
+                          max_position_embeddings=128, tie_word_embeddings=False, **special)
+        return LlamaForCausalLM(cfg)
+    if recipe.arch == "gpt2":
+        cfg = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=recipe.hidden,
+                         n_layer=recipe.layers, n_head=recipe.heads, resid_pdrop=0.0, embd_pdrop=0.0,
+                         attn_pdrop=0.0, tie_word_embeddings=True, **special)
+        return GPT2LMHeadModel(cfg)
+    raise ValueError(f"unknown architecture {recipe.arch!r}; use 'llama' or 'gpt2'")
+
+
+def train(model, tokenizer, examples, recipe: Recipe, progress: bool = True, desc: str = "train"):
+    """Fine-tune ``model`` on QA examples with the answer NLL (AdamW, warm-up then cosine decay).
+
+    Deterministic for a given ``recipe.seed``: the order of batches comes from a seeded generator.
+    Returns the list of per-step losses.
+    """
+    from tqdm.auto import tqdm
+
+    batch = encode(tokenizer, examples)
+    n = batch["input_ids"].shape[0]
+    steps_per_epoch = math.ceil(n / recipe.batch_size)
+    total = recipe.epochs * steps_per_epoch
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98),
+                            weight_decay=recipe.weight_decay)
+
+    def schedule(step: int) -> float:
+        warm = min(1.0, (step + 1) / max(1, recipe.warmup))
+        return warm * 0.5 * (1.0 + math.cos(math.pi * step / total))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    model.train()
+    losses = []
+    bar = tqdm(total=total, desc=desc, disable=not progress, unit="step")
+    for _ in range(recipe.epochs):
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, recipe.batch_size):
+            rows = order[start:start + recipe.batch_size]
+            part = {k: v[rows] for k, v in batch.items()}
+            width = int(part["attention_mask"].sum(1).max())
+            part = {k: v[:, :width] for k, v in part.items()}
+            loss = model(**part).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    bar.close()
+    model.eval()
+    return losses
+
+
+def _save_quietly(model, tok, path: Path) -> None:
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+def build(names=None, *, out_dir: str | os.PathLike | None = None, recipe_overrides: dict | None = None,
+          world=None, progress: bool = True, force: bool = False) -> dict[str, dict]:
+    """Train zoo models from their recipes and save them as HF checkpoints.
+
+    ``names`` defaults to every zoo model; existing folders are kept unless ``force``. ``recipe_overrides``
+    (e.g. ``{"epochs": 2}``) changes every recipe, for quick checks. Each folder gets a ``zoo.json`` with
+    the recipe, the training time and the greedy exact-match on every split.
+    """
+    from transformers import AutoTokenizer
+
+    from .metrics import exact_match
+
+    names = list() if names is None else builtins.list(names)
+    unknown = [n for n in names if n not in ZOO]
+    if unknown:
+        raise KeyError(f"unknown zoo model(s) {', '.join(unknown)}; the zoo has {', '.join(ZOO)}")
+    out = Path(out_dir) if out_dir is not None else zoo_dir()
+    world = world if world is not None else load_world()
+    tok = AutoTokenizer.from_pretrained(data_dir() / "tokenizer")
+    reports = {}
+    for name in names:
+        entry = ZOO[name]
+        path = out / name
+        if (path / "config.json").exists() and not force:
+            continue
+        recipe = replace(entry.recipe, **(recipe_overrides or {}))
+        examples = [e for split in entry.train_splits for e in world[split]]
+        torch.manual_seed(recipe.seed)
+        model = make_model(recipe, tok)
+        start = time.perf_counter()
+        losses = train(model, tok, examples, recipe, progress=progress, desc=f"zoo {name}")
+        seconds = time.perf_counter() - start
+        quality = {split: float(exact_match(model, tok, world[split]).mean())
+                   for split in world if split != "full"}
+        path.mkdir(parents=True, exist_ok=True)
+        _save_quietly(model, tok, path)
+        report = {"name": name, "description": entry.description, "train_splits": builtins.list(entry.train_splits),
+                  "recipe": asdict(recipe), "parameters": sum(p.numel() for p in model.parameters()),
+                  "train_seconds": round(seconds, 1), "final_loss": losses[-1], "exact_match": quality,
+                  "torch": torch.__version__}
+        (path / "zoo.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        reports[name] = report
+    return reports
