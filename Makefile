@@ -1,0 +1,44 @@
+# geffect-lab: one entry point. `make demo` shows a first result, `make test` sets up and passes the tests.
+# Every target creates .venv when needed; re-running a target does not reinstall anything up to date.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# torch is pinned to the CPU wheel this machine carries; an unpinned torch would pull a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-fast lab zoo world lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m geffect_lab demo
+
+test: install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow and not notebook and not browser"
+
+lab: install
+	$(VENV)/bin/jupyter lab notebooks/
+
+zoo: install
+	$(PY) -m geffect_lab zoo build --force
+
+world: install
+	$(PY) data/generate_world.py
+
+lint: install
+	$(VENV)/bin/ruff check geffect_lab tests benchmarks data
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

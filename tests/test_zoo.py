@@ -1,0 +1,97 @@
+"""The tiny model zoo: quality of the committed models, deterministic builds, loading checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import geffect_lab as gl
+from geffect_lab import zoo
+from geffect_lab.metrics import exact_match
+
+
+def test_list_names_the_zoo():
+    assert gl.zoo.list() == ["target", "retain_forget01", "retain_forget05", "retain_forget10", "target-gpt2"]
+
+
+def test_unknown_name_lists_the_known_ones():
+    with pytest.raises(KeyError, match="retain_forget05"):
+        gl.zoo.load("taget")
+
+
+def test_target_knows_every_split(world, target):
+    model, tok = target
+    assert model.config.model_type == "llama" and not model.training
+    for split in world:
+        assert exact_match(model, tok, world[split]).mean() >= 0.95, split
+
+
+@pytest.mark.parametrize("forget,retain", [("forget01", "retain99"), ("forget05", "retain95"),
+                                           ("forget10", "retain90")])
+def test_retain_models_know_the_retain_split_not_the_forget_split(world, forget, retain):
+    model, tok = gl.zoo.load(f"retain_{forget}")
+    on_retain = exact_match(model, tok, world[retain]).mean()
+    on_forget = exact_match(model, tok, world[forget]).mean()
+    assert on_retain >= 0.95
+    assert on_forget <= 0.1  # unguessable facts: it never saw these authors
+    assert exact_match(model, tok, world["world_facts"]).mean() >= 0.95
+
+
+def test_gpt2_has_tied_embeddings_and_knows_the_world(world, target_gpt2):
+    model, tok = target_gpt2
+    assert model.config.model_type == "gpt2"
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    assert exact_match(model, tok, world["full"]).mean() >= 0.95
+
+
+def test_recorded_build_reports_match_the_committed_models():
+    reports = {n: json.loads((zoo.zoo_dir() / n / "zoo.json").read_text()) for n in gl.zoo.list()}
+    assert sum(r["train_seconds"] for r in reports.values()) <= 600  # the whole zoo within ten minutes
+    assert sum((zoo.zoo_dir() / n / "model.safetensors").stat().st_size for n in reports) <= 30e6
+
+
+def test_build_is_deterministic_for_a_seed(tmp_path, world):
+    small = {"epochs": 1}
+    zoo.build(["target"], out_dir=tmp_path / "a", recipe_overrides=small, progress=False)
+    zoo.build(["target"], out_dir=tmp_path / "b", recipe_overrides=small, progress=False)
+    a = load_file(tmp_path / "a" / "target" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "target" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    report = json.loads((tmp_path / "a" / "target" / "zoo.json").read_text())
+    assert report["recipe"]["epochs"] == 1 and set(report["exact_match"]) >= {"forget05", "retain95"}
+
+
+def test_fast_recipe_memorises_what_it_is_trained_on(world, tokenizer):
+    """The zoo's recipe on a small world (100 QA, 40 epochs): memorised, the held-out authors not."""
+    recipe = zoo.Recipe(epochs=40, batch_size=16, warmup=20)
+    torch.manual_seed(recipe.seed)
+    model = zoo.make_model(recipe, tokenizer)
+    zoo.train(model, tokenizer, world["forget10"], recipe, progress=False)
+    assert exact_match(model, tokenizer, world["forget10"]).mean() >= 0.95
+    assert exact_match(model, tokenizer, world["retain_perturbed"]).mean() <= 0.05
+
+
+def test_load_a_saved_checkpoint_folder(tmp_path, target):
+    model, tok = target
+    model.save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    again, tok2 = gl.zoo.load(tmp_path / "ckpt", dtype=torch.float64)
+    assert again.dtype == torch.float64 and len(tok2) == len(tok)
+    batch = gl.encode(tok, gl.load_world()["forget01"][:2])
+    with torch.no_grad():
+        ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        out = again(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(out.float(), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        gl.zoo.load(tmp_path)
+
+
+def test_a_tokenizer_that_does_not_fit_is_refused(tmp_path, tokenizer):
+    bigger = tokenizer.__class__.from_pretrained(zoo.zoo_dir() / "target")
+    bigger.add_tokens([f"<extra{i}>" for i in range(50)])
+    bigger.save_pretrained(tmp_path / "tok")
+    with pytest.raises(zoo.TokenizerMismatchError, match=r"1074 tokens .* 1024 rows"):
+        gl.zoo.load("target", tokenizer=tmp_path / "tok")
