@@ -1,0 +1,116 @@
+"""The built-in objectives of the paper (forget terms) and the regularisers (retain terms).
+
+Notation (``x`` is the :class:`ObjectiveInputs`): ``p_k`` the model's probability of answer token k,
+``p_o,k`` the frozen reference's, ``nll_k = -log p_k``; ``sg`` is stop-gradient (``.detach()``). Means and
+sums run over each sample's answer tokens. Every function returns one loss per sample.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .registry import ObjectiveInputs, objective
+
+
+def _seq_logp(x: ObjectiveInputs) -> torch.Tensor:
+    return x.sum(x.logp)
+
+
+@objective("ga")
+def ga(x: ObjectiveInputs) -> torch.Tensor:
+    """Gradient ascent: ℓ = -mean_k nll_k."""
+    return -x.mean(x.nll)
+
+
+@objective("wga")
+def wga(x: ObjectiveInputs, alpha: float = 1.0) -> torch.Tensor:
+    """Weighted gradient ascent: ℓ = -mean_k sg(p_k)^α · nll_k."""
+    weight = torch.exp(alpha * x.logp).detach()
+    return -x.mean(weight * x.nll)
+
+
+@objective("npo", needs=("ref_logp",))
+def npo(x: ObjectiveInputs, beta: float = 0.1) -> torch.Tensor:
+    """Negative preference optimisation: ℓ = -(2/β)·logsigmoid(-β·(Σ_k log p_k − Σ_k log p_o,k)).
+
+    Its gradient is GA's (on the sequence log-probability) times the weight 2p^β/(p^β+p_o^β), p = Π_k p_k.
+    """
+    return -(2.0 / beta) * F.logsigmoid(-beta * (_seq_logp(x) - x.sum(x.ref_logp)))
+
+
+@objective("simnpo")
+def simnpo(x: ObjectiveInputs, beta: float = 2.5, delta: float = 0.0) -> torch.Tensor:
+    """Simple NPO (reference-free, length-normalised): ℓ = -(2/β)·logsigmoid(-β·mean_k log p_k − δ)."""
+    return -(2.0 / beta) * F.logsigmoid(-beta * x.mean(x.logp) - delta)
+
+
+def npo_token_weight(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float, alpha: float = 0.0):
+    """TNPO's token weight ``2 p^(β+α) / (p^β + p_o^β)`` (α = 0: TNPO, α > 0: WTNPO), stop-gradient."""
+    logp, ref_logp = logp.detach(), ref_logp.detach()
+    # 2 p^(β+α) / (p^β + p_o^β) = 2 p^α · σ(β(log p − log p_o)), computed stably
+    return 2.0 * torch.exp(alpha * logp) * torch.sigmoid(beta * (logp - ref_logp))
+
+
+@objective("tnpo", needs=("ref_logp",))
+def tnpo(x: ObjectiveInputs, beta: float = 1.0) -> torch.Tensor:
+    """Token-wise NPO: ℓ = -mean_k w_k·nll_k, w_k = sg(2p_k^β/(p_k^β+p_o,k^β))."""
+    return -x.mean(npo_token_weight(x.logp, x.ref_logp, beta) * x.nll)
+
+
+@objective("wtnpo", needs=("ref_logp",))
+def wtnpo(x: ObjectiveInputs, alpha: float = 1.5, beta: float = 1.0) -> torch.Tensor:
+    """Weighted token-wise NPO: ℓ = -mean_k w_k·nll_k, w_k = sg(2p_k^(β+α)/(p_k^β+p_o,k^β))."""
+    return -x.mean(npo_token_weight(x.logp, x.ref_logp, beta, alpha) * x.nll)
+
+
+@objective("po", needs=("alt",))
+def po(x: ObjectiveInputs) -> torch.Tensor:
+    """Preference optimisation towards a refusal: ℓ = mean_k nll_k of a refusal answer to the question."""
+    return -x.mean(x.alt_logp, x.alt_mask)
+
+
+@objective("dpo", needs=("ref_logp", "alt", "ref_alt_logp"))
+def dpo(x: ObjectiveInputs, beta: float = 0.1) -> torch.Tensor:
+    """DPO with the refusal preferred over the answer:
+    ℓ = -(2/β)·logsigmoid(β·[(log p − log p_o)(refusal) − (log p − log p_o)(answer)]), sequence sums."""
+    refusal = x.sum(x.alt_logp, x.alt_mask) - x.sum(x.ref_alt_logp, x.alt_mask)
+    answer = _seq_logp(x) - x.sum(x.ref_logp)
+    return -(2.0 / beta) * F.logsigmoid(beta * (refusal - answer))
+
+
+def rmu_direction(dim: int, seed: int, normalize: bool, dtype: torch.dtype, device) -> torch.Tensor:
+    """RMU's fixed random vector u ~ U[0,1)^d from a seeded generator (unit norm when ``normalize``)."""
+    u = torch.rand(dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    if normalize:
+        u = u / u.norm()
+    return u.to(dtype=dtype, device=device)
+
+
+@objective("rmu", needs=("hidden",))
+def rmu(x: ObjectiveInputs, layer: int | None = None, c: float = 5.0, seed: int = 0,
+        normalize: bool = False) -> torch.Tensor:
+    """Representation misdirection: ℓ = mean_k mean_d (h_ℓ,k − c·u)², h_ℓ the hidden state after block
+    ``layer`` (default ⌊2L/3⌋) at the answer tokens, u a fixed seeded vector ~U[0,1)^d."""
+    u = rmu_direction(x.hidden.shape[-1], seed, normalize, x.hidden.dtype, x.hidden.device)
+    return x.mean((x.hidden - c * u).pow(2).mean(-1), x.hidden_mask)
+
+
+@objective("gd", role="retain")
+def gd(x: ObjectiveInputs) -> torch.Tensor:
+    """Gradient descent on retain data: ℓ = mean_k nll_k."""
+    return x.mean(x.nll)
+
+
+@objective("kl", role="retain", needs=("full_logp", "ref_full_logp"))
+def kl(x: ObjectiveInputs) -> torch.Tensor:
+    """KL(p_o ‖ p) of the next-token distributions, averaged over the retain sample's answer tokens."""
+    ref = x.ref_full_logp
+    per_token = (ref.exp() * (ref - x.full_logp)).sum(-1)
+    return x.mean(per_token)
+
+
+@objective("rr", role="retain", needs=("hidden", "ref_hidden"))
+def rr(x: ObjectiveInputs, layer: int | None = None) -> torch.Tensor:
+    """Representation retention: ℓ = mean_k ‖h_ℓ,k − h_ℓ,k^ref‖² over the retain answer tokens."""
+    return x.mean((x.hidden - x.ref_hidden).pow(2).sum(-1), x.hidden_mask)
