@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from . import zoo
-from .data import Example, World, encode, load_world
-
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "zoo", "load_world", "encode", "Example", "World"]
+from . import objectives, zoo  # noqa: E402
+from .data import Example, World, encode, load_world  # noqa: E402
+from .engine import g_effect, layer_groups  # noqa: E402
+from .objectives import get_objective, list_objectives, objective  # noqa: E402
+
+__all__ = ["__version__", "zoo", "objectives", "load_world", "encode", "Example", "World", "g_effect",
+           "layer_groups", "get_objective", "list_objectives", "objective"]

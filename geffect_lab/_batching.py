@@ -4,6 +4,7 @@ forward passes over many instances."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -41,9 +42,12 @@ def shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
     return logits[:, :-1], lab, lab != -100
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of each label token, ``[instance, position-1]``, and the answer mask (0 elsewhere)."""
-    lg, lab, mask = shifted(logits, labels)
-    logp = torch.log_softmax(lg.float() if lg.dtype in (torch.float16, torch.bfloat16) else lg, dim=-1)
-    picked = logp.gather(-1, lab.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return picked * mask, mask
+@contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Eval mode for the block (no dropout), the model's own mode restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._batching import chunks, model_device, shifted, to_device
+from ._batching import chunks, eval_mode, model_device, shifted, to_device
 from .data import encode
 
 __all__ = ["exact_match", "token_accuracy"]
@@ -26,9 +26,7 @@ def _argmax_hits(model, tokenizer, examples: Sequence[Any], batch_size: int = 12
     batch = encode(tokenizer, examples, answer_field=answer_field)
     device = model_device(model)
     hits, totals = [], []
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for _, part in chunks(batch, batch_size):
             part = to_device(part, device)
             logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
@@ -36,8 +34,6 @@ def _argmax_hits(model, tokenizer, examples: Sequence[Any], batch_size: int = 12
             ok = (lg.argmax(-1) == lab) & mask
             hits.append(ok.sum(1).cpu())
             totals.append(mask.sum(1).cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(hits).numpy(), torch.cat(totals).numpy()
 
 

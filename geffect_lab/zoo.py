@@ -17,6 +17,7 @@ import json
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -123,7 +124,8 @@ def load(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, d
     else:
         raise KeyError(f"unknown zoo model {name!r}; the zoo has {', '.join(ZOO)} "
                        "(or give a checkpoint folder or a hub name like 'org/model')")
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation, **kwargs)
+    with _quiet_hf():
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation, **kwargs)
     tok = AutoTokenizer.from_pretrained(tokenizer if tokenizer is not None else path)
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token
@@ -202,14 +204,15 @@ def train(model, tokenizer, examples, recipe: Recipe, progress: bool = True, des
     return losses
 
 
-def _save_quietly(model, tok, path: Path) -> None:
+@contextmanager
+def _quiet_hf():
+    """Hide transformers' per-file progress bars (loading and saving tiny checkpoints)."""
     from transformers.utils import logging as hf_logging
 
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model.save_pretrained(path)
-        tok.save_pretrained(path)
+        yield
     finally:
         if shown:
             hf_logging.enable_progress_bar()
@@ -250,7 +253,9 @@ def build(names=None, *, out_dir: str | os.PathLike | None = None, recipe_overri
         quality = {split: float(exact_match(model, tok, world[split]).mean())
                    for split in world if split != "full"}
         path.mkdir(parents=True, exist_ok=True)
-        _save_quietly(model, tok, path)
+        with _quiet_hf():
+            model.save_pretrained(path)
+            tok.save_pretrained(path)
         report = {"name": name, "description": entry.description, "train_splits": builtins.list(entry.train_splits),
                   "recipe": asdict(recipe), "parameters": sum(p.numel() for p in model.parameters()),
                   "train_seconds": round(seconds, 1), "final_loss": losses[-1], "exact_match": quality,

@@ -1,0 +1,225 @@
+"""The two engines behind :func:`geffect_lab.g_effect`: the fast ghost-dot-product engine (default) and the
+per-instance autograd loop (the oracle). Both return the same :class:`Effects`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .._batching import chunks, eval_mode
+from ..objectives import Objective, ObjectiveError
+from .forward import Side, objective_inputs, risk_and_tokens
+from .ghost import GhostPass, accumulation_dtype, engine_mode
+from .groups import LayerGroups
+
+__all__ = ["Effects", "term_gradients", "risk_gradient", "fast_effects", "reference_effects"]
+
+
+@dataclass
+class Effects:
+    """Everything one engine call measures, as numpy arrays (float64)."""
+
+    g_effect: np.ndarray            # [instance, layer, term]
+    g_effect_token: np.ndarray      # [instance, token] (NaN past each answer's end)
+    risk: np.ndarray                # [instance]
+    token_count: np.ndarray         # [instance]
+    pg_effect: np.ndarray | None    # [sample, against]
+    term_loss: np.ndarray           # [term]  weight · mean_j ℓ_j
+    sample_loss: np.ndarray         # [sample] the forget term's ℓ_j
+    answer_tokens: list[list[int]] = field(default_factory=list)  # token ids of each target's answer
+
+
+def _params(model) -> list[torch.nn.Parameter]:
+    seen, out = set(), []
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def term_gradients(model, objective: Objective, sides: dict[str, Side], reference):
+    """∇(weight · mean_j ℓ_j) of every term: ``[term] -> {id(param): grad}``, the term losses and the forget
+    term's per-sample losses. One ordinary forward+backward per term, in eval mode, ``.grad`` untouched."""
+    params = [p for p in _params(model) if p.requires_grad]
+    if not params:
+        raise ObjectiveError("no parameter of the model requires grad; the G-effect is taken over the "
+                             "trainable parameters")
+    grads, losses, sample_loss = [], [], None
+    with eval_mode(model), torch.enable_grad():
+        for term in objective.terms:
+            per_sample = term.loss(objective_inputs(model, term, sides[term.spec.role], reference))
+            loss = term.weight * per_sample.mean()
+            if term.spec.role == "forget":
+                sample_loss = per_sample.detach()
+            got = torch.autograd.grad(loss, params, allow_unused=True)
+            grads.append({id(p): g.detach() for p, g in zip(params, got) if g is not None})
+            losses.append(float(loss.detach()))
+    return grads, np.array(losses), sample_loss.double().cpu().numpy()
+
+
+def risk_gradient(model, batch, chunk_size: int | None) -> dict[int, torch.Tensor]:
+    """∇ of the mean risk over all rows of ``batch`` (one full-size gradient, accumulated over chunks)."""
+    params = [p for p in _params(model) if p.requires_grad]
+    n = batch["input_ids"].shape[0]
+    total = [torch.zeros_like(p) for p in params]
+    with eval_mode(model), torch.enable_grad():
+        for _, part in chunks(batch, chunk_size):
+            risk, _, _ = risk_and_tokens(model, part)
+            got = torch.autograd.grad(risk.sum(), params, allow_unused=True)
+            for acc, g in zip(total, got):
+                if g is not None:
+                    acc.add_(g / n)
+    return {id(p): g for p, g in zip(params, total)}
+
+
+def _answer_tokens(batch) -> list[list[int]]:
+    labels = batch["labels"][:, 1:]
+    return [row[row != -100].tolist() for row in labels]
+
+
+def _check_finite(name: str, values: torch.Tensor, ids: Sequence[str]):
+    bad = ~torch.isfinite(values)
+    if bad.any():
+        rows = bad.reshape(bad.shape[0], -1).any(1).nonzero().flatten().tolist()
+        raise FloatingPointError(f"non-finite {name} for instance(s) {', '.join(ids[i] for i in rows[:5])}: "
+                                 "the model's outputs overflow; try float32/float64 instead of float16")
+
+
+def fast_effects(model, groups: LayerGroups, objective: Objective, sides: dict[str, Side], reference,
+                 targets: dict[str, torch.Tensor], target_ids: list[str], target_sets: dict[str, slice],
+                 chunk_size: int | None = 16, per_token: bool = True, pg: bool = True) -> Effects:
+    """The fast engine: ghost dot products over chunks of targets, forward-mode tangents for the tokens."""
+    grads, term_loss, sample_loss = term_gradients(model, objective, sides, reference)
+    n = targets["input_ids"].shape[0]
+    g_eff = np.zeros((n, len(groups.names), len(grads)))
+    risks = np.zeros(n)
+    token_rows: list[np.ndarray] = []
+    ghost = GhostPass(model, groups, grads, propagate=per_token)
+    # With the PG-effect asked for, the same backward also yields each target set's risk gradient (chunks
+    # never straddle two sets), so the PG-effect costs one more pass over the forget samples only.
+    set_grads: list[dict[int, torch.Tensor]] = []
+    for set_slice in target_sets.values():
+        acc: dict[int, torch.Tensor] = {}
+        size = set_slice.stop - set_slice.start
+        part_set = {k: v[set_slice] for k, v in targets.items()}
+        for rows, part in chunks(part_set, chunk_size):
+            rows = slice(set_slice.start + rows.start, set_slice.start + rows.stop)
+
+            def fn(part=part):
+                risk, nll, mask = risk_and_tokens(model, part)
+                return risk, (nll, mask)
+
+            res = ghost.run(fn, rows.stop - rows.start, param_grads=pg)
+            risk, (_, mask), tangents = res.outputs
+            _check_finite("risk", risk, target_ids[rows])
+            g_eff[rows] = res.contrib.double().cpu().numpy()
+            risks[rows] = risk.double().cpu().numpy()
+            if per_token:
+                tok = tangents[0].double().cpu().numpy()
+                tok[(mask == 0).cpu().numpy()] = np.nan
+                token_rows.extend(tok)
+            if pg:
+                for k, g in res.param_grads.items():
+                    if k in acc:
+                        acc[k].add_(g, alpha=1.0 / size)
+                    else:
+                        acc[k] = g.div_(size)
+        set_grads.append(acc)
+    pg_eff = _fast_pg(model, groups, objective, sides, reference, set_grads) if pg else None
+    return Effects(g_eff, _pad_tokens(token_rows, targets) if per_token else _empty_tokens(n, targets), risks,
+                   _token_count(targets), pg_eff, term_loss, sample_loss, _answer_tokens(targets))
+
+
+def _fast_pg(model, groups, objective, sides, reference, set_grads):
+    """PG-effect: the forget term's per-sample gradients against each target set's risk gradient."""
+    term = objective.forget_term
+    side = sides["forget"]
+    ghost = GhostPass(model, groups, set_grads, propagate=False)
+
+    def fn():
+        return term.loss(objective_inputs(model, term, side, reference)), ()
+
+    res = ghost.run(fn, len(side.ids))
+    return res.contrib.sum(1).double().cpu().numpy()
+
+
+def _token_count(targets) -> np.ndarray:
+    return (targets["labels"][:, 1:] != -100).sum(1).numpy()
+
+
+def _empty_tokens(n, targets):
+    return np.full((n, max(int(_token_count(targets).max()), 1)), np.nan)
+
+
+def _pad_tokens(rows: list[np.ndarray], targets) -> np.ndarray:
+    width = max(int(_token_count(targets).max()), 1)
+    out = np.full((len(rows), width), np.nan)
+    for i, r in enumerate(rows):
+        k = min(len(r), width)
+        out[i, :k] = r[:k]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- oracle
+def _dot_by_group(groups: LayerGroups, grads: Sequence[torch.Tensor | None], params, direction, dtype):
+    out = torch.zeros(len(groups.names), dtype=dtype)
+    for p, g in zip(params, grads):
+        d = direction.get(id(p))
+        if g is None or d is None:
+            continue
+        out[groups.of_param[id(p)]] += (g.to(dtype) * d.to(dtype)).sum().cpu()
+    return out
+
+
+def reference_effects(model, groups: LayerGroups, objective: Objective, sides: dict[str, Side], reference,
+                      targets: dict[str, torch.Tensor], target_ids: list[str], target_sets: dict[str, slice],
+                      chunk_size: int | None = 16, per_token: bool = True, pg: bool = True) -> Effects:
+    """The oracle: per instance (and per token, per sample) an ordinary full-size gradient, dotted with the
+    term gradients layer by layer. Slow by design; same chunks as the fast engine so both see the same
+    batch encodings."""
+    grads, term_loss, sample_loss = term_gradients(model, objective, sides, reference)
+    dtype = accumulation_dtype(model)
+    params = [p for p in _params(model) if p.requires_grad]
+    total = {}
+    for direction in grads:
+        for k, v in direction.items():
+            total[k] = total[k] + v if k in total else v.clone()
+    n = targets["input_ids"].shape[0]
+    width = max(int(_token_count(targets).max()), 1)
+    g_eff = np.zeros((n, len(groups.names), len(grads)))
+    tok_eff = np.full((n, width), np.nan)
+    risks = np.zeros(n)
+    with eval_mode(model), torch.enable_grad():
+        for rows, part in chunks(targets, chunk_size):
+            risk, nll, mask = risk_and_tokens(model, part)
+            for r in range(rows.stop - rows.start):
+                i = rows.start + r
+                g_i = torch.autograd.grad(risk[r], params, retain_graph=True, allow_unused=True)
+                for t, direction in enumerate(grads):
+                    g_eff[i, :, t] = _dot_by_group(groups, g_i, params, direction, dtype).double().numpy()
+                if per_token:
+                    for k in range(int(mask[r].sum())):
+                        g_k = torch.autograd.grad(nll[r, k], params, retain_graph=True, allow_unused=True)
+                        tok_eff[i, k] = float(_dot_by_group(groups, g_k, params, total, dtype).sum())
+            risks[rows] = risk.detach().double().cpu().numpy()
+        pg_eff = None
+        if pg:
+            directions = [risk_gradient(model, {k: v[sl] for k, v in targets.items()}, chunk_size)
+                          for sl in target_sets.values()]
+            term = objective.forget_term
+            per_sample = term.loss(objective_inputs(model, term, sides["forget"], reference))
+            pg_eff = np.zeros((per_sample.shape[0], len(directions)))
+            for j in range(per_sample.shape[0]):
+                g_j = torch.autograd.grad(per_sample[j], params, retain_graph=True, allow_unused=True)
+                for d, direction in enumerate(directions):
+                    pg_eff[j, d] = float(_dot_by_group(groups, g_j, params, direction, dtype).sum())
+    return Effects(g_eff, tok_eff, risks, _token_count(targets), pg_eff, term_loss, sample_loss,
+                   _answer_tokens(targets))
+
+
+__all__ += ["engine_mode"]

@@ -1,0 +1,182 @@
+"""The engine's forward passes: token log-probabilities, risks and the inputs objectives ask for.
+
+Objectives never run the model. :func:`objective_inputs` runs the forward passes a term needs (the answer,
+a refusal answer, a hidden-state capture) and packs the results, with the reference quantities, into an
+:class:`~geffect_lab.objectives.ObjectiveInputs`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from .._batching import model_device, trim
+from ..data import PromptTemplate, encode_pairs, example_field, example_id
+from ..objectives import ObjectiveError, ObjectiveInputs, Term
+from .groups import find_blocks
+
+__all__ = ["Side", "encode_side", "answer_logp", "risk_and_tokens", "objective_inputs", "reference_quantities",
+           "default_layer", "resolve_layers", "refusal_for"]
+
+
+def default_layer(model) -> int:
+    """RMU's default layer ⌊2L/3⌋ for a model of L blocks."""
+    return (2 * len(find_blocks(model)[1])) // 3
+
+
+def resolve_layers(model, terms: Sequence[Term]) -> tuple[Term, ...]:
+    """Give every term that reads hidden states a concrete ``layer`` (default ⌊2L/3⌋), checked in range."""
+    n_blocks = len(find_blocks(model)[1])
+    out = []
+    for term in terms:
+        if "layer" in term.params:
+            layer = term.params["layer"]
+            layer = default_layer(model) if layer is None else int(layer)
+            if not -n_blocks <= layer < n_blocks:
+                raise ObjectiveError(f"objective {term.name!r}: layer={layer} is out of range for a model of "
+                                     f"{n_blocks} blocks (0 … {n_blocks - 1})")
+            term = replace(term, params={**term.params, "layer": layer % n_blocks})
+        out.append(term)
+    return tuple(out)
+
+
+def refusal_for(example_id_: str, refusals: Sequence[str]) -> str:
+    """The refusal answer paired with an instance: stable (CRC32 of its id), spread over the refusals."""
+    return refusals[zlib.crc32(example_id_.encode()) % len(refusals)]
+
+
+@dataclass
+class Side:
+    """The samples of one side of an objective (forget or retain), encoded once."""
+
+    ids: list[str]
+    batch: dict[str, torch.Tensor]
+    alt: dict[str, torch.Tensor] | None = None       # (question, refusal) pairs, when a term needs them
+    ref: dict[str, torch.Tensor] = field(default_factory=dict)  # reference quantities, filled lazily
+
+
+def encode_side(tokenizer, examples: Sequence[Any], *, refusals: Sequence[str] | None = None,
+                need_alt: bool = False, template: PromptTemplate | str | None = None, role: str = "forget") -> Side:
+    if not examples:
+        raise ObjectiveError(f"the {role} set is empty; the objective needs {role} samples")
+    ids = [example_id(e, i) for i, e in enumerate(examples)]
+    questions = [example_field(e, "question") for e in examples]
+    batch = encode_pairs(tokenizer, list(zip(questions, [example_field(e, "answer") for e in examples])), template)
+    alt = None
+    if need_alt:
+        if not refusals:
+            raise ObjectiveError("this objective trains towards refusal answers, but no refusals were given "
+                                 "(pass refusals=world.refusals)")
+        alt = encode_pairs(tokenizer, [(q, refusal_for(i, refusals)) for q, i in zip(questions, ids)], template)
+    return Side(ids, batch, alt)
+
+
+def _forward(model, batch: dict[str, torch.Tensor], hidden_layer: int | None = None):
+    """Logits of a batch and, when asked, the hidden state after block ``hidden_layer``."""
+    device = model_device(model)
+    part = {k: v.to(device) for k, v in trim(batch).items()}
+    captured: list[torch.Tensor] = []
+    handle = None
+    if hidden_layer is not None:
+        block = find_blocks(model)[1][hidden_layer]
+
+        def grab(_module, _args, output):
+            captured.append(output[0] if isinstance(output, tuple) else output)
+
+        handle = block.register_forward_hook(grab)
+    try:
+        logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], use_cache=False).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    return logits, part["labels"], (captured[-1] if captured else None)
+
+
+def answer_logp(logits: torch.Tensor, labels: torch.Tensor, full: bool = False):
+    """Token log-probs of the answer, compacted to ``[row, answer token]`` (answer tokens first, left-aligned).
+
+    Returns ``(logp, mask, full_logp or None, positions)`` where ``positions[row, k]`` is the sequence
+    position of answer token k (its label position) and ``mask`` is 1.0 on real answer tokens.
+    """
+    lab = labels[:, 1:]
+    is_answer = lab != -100
+    lengths = is_answer.sum(1)
+    width = max(int(lengths.max()), 1)
+    # Answers are a contiguous tail of the prompt+answer sequence: their first label position per row.
+    first = torch.where(is_answer.any(1), is_answer.float().argmax(1), torch.zeros_like(lengths))
+    k = torch.arange(width, device=labels.device)
+    pos = (first[:, None] + k[None, :]).clamp(max=lab.shape[1] - 1)      # index into the shifted axis
+    mask = (k[None, :] < lengths[:, None])
+    lg = logits[:, :-1].gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
+    if lg.dtype in (torch.float16, torch.bfloat16):  # log-probabilities of a half-precision model in float32
+        lg = lg.float()
+    logp_all = torch.log_softmax(lg, dim=-1)
+    tok = lab.gather(1, pos).clamp_min(0)
+    logp = logp_all.gather(-1, tok[..., None]).squeeze(-1)
+    maskf = mask.to(logp.dtype)
+    return logp * maskf, maskf, (logp_all if full else None), pos + 1
+
+
+def risk_and_tokens(model, batch: dict[str, torch.Tensor]):
+    """Per-instance risk ``R_i = mean_k nll_{i,k}`` and the token NLLs ``[instance, answer token]``."""
+    logits, labels, _ = _forward(model, batch)
+    logp, mask, _, _ = answer_logp(logits, labels)
+    nll = -logp
+    return (nll * mask).sum(1) / mask.sum(1).clamp_min(1), nll, mask
+
+
+def _quantities(model, side: Side, needs: frozenset[str], layer: int | None, alt: bool):
+    logits, labels, hidden = _forward(model, side.batch, layer if needs & {"hidden", "ref_hidden"} else None)
+    logp, mask, full, pos = answer_logp(logits, labels, full=bool(needs & {"full_logp", "ref_full_logp"}))
+    out: dict[str, torch.Tensor | None] = {"logp": logp, "mask": mask, "full_logp": full}
+    if hidden is not None:
+        # the hidden state at each answer token's own position (pos is its label position)
+        idx = pos.clamp(max=hidden.shape[1] - 1)
+        out["hidden"] = hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
+    if alt and side.alt is not None:
+        alt_logits, alt_labels, _ = _forward(model, side.alt)
+        out["alt_logp"], out["alt_mask"], _, _ = answer_logp(alt_logits, alt_labels)
+    return out
+
+
+@torch.no_grad()
+def reference_quantities(reference, side: Side, needs: frozenset[str], layer: int | None) -> dict[str, torch.Tensor]:
+    """What a term needs from the frozen reference model, computed without gradients and cached on the side."""
+    want = {n for n in needs if n.startswith("ref_")}
+    key = (tuple(sorted(want)), layer)
+    if key in side.ref:
+        return side.ref[key]
+    if not want:
+        return {}
+    q = _quantities(reference, side, frozenset(n[4:] for n in want) | ({"hidden"} if "ref_hidden" in want else set()),
+                    layer, alt="ref_alt_logp" in want)
+    got = {}
+    if "ref_logp" in want:
+        got["ref_logp"] = q["logp"]
+    if "ref_full_logp" in want:
+        got["ref_full_logp"] = q["full_logp"]
+    if "ref_alt_logp" in want:
+        got["ref_alt_logp"] = q["alt_logp"]
+    if "ref_hidden" in want:
+        got["ref_hidden"] = q["hidden"]
+    side.ref[key] = {k: v.detach() for k, v in got.items()}
+    return side.ref[key]
+
+
+def objective_inputs(model, term: Term, side: Side, reference) -> ObjectiveInputs:
+    """Run the forward passes ``term`` needs on ``side`` and pack them (with reference quantities)."""
+    needs = term.spec.needs
+    layer = term.params.get("layer") if needs & {"hidden", "ref_hidden"} else None
+    q = _quantities(model, side, needs, layer, alt="alt" in needs)
+    ref = reference_quantities(reference, side, needs, layer) if reference is not None else {}
+    missing = {n for n in needs if n.startswith("ref_")} - set(ref)
+    if missing:
+        raise ObjectiveError(f"objective {term.name!r} needs {', '.join(sorted(missing))} from a reference model")
+    return ObjectiveInputs(
+        logp=q["logp"], mask=q["mask"], ids=side.ids, full_logp=q["full_logp"] if "full_logp" in needs else None,
+        hidden=q.get("hidden"), hidden_mask=q["mask"] if "hidden" in q else None,
+        alt_logp=q.get("alt_logp"), alt_mask=q.get("alt_mask"), **ref)
