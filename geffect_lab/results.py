@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import xarray as xr
 
-__all__ = ["SCHEMA_VERSION", "SIGN_CONVENTION", "VARIABLES", "effects_dataset", "flat_attrs", "annotate"]
+__all__ = ["SCHEMA_VERSION", "SIGN_CONVENTION", "VARIABLES", "DIMS", "Axes", "make_dataset", "effects_dataset",
+           "flat_attrs", "annotate", "save", "load", "combine", "SchemaError", "GEffectAccessor", "summarize"]
 
 SCHEMA_VERSION = 1
 SIGN_CONVENTION = "dR ≈ -lr * g_effect; g_effect < 0 raises the risk"
@@ -35,6 +38,9 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "term_loss": ("term loss", "weight * mean over samples of the term's per-sample loss."),
     "sample_loss": ("sample loss", "l_j: the forget term's loss on forget sample j (unweighted)."),
     "token_count": ("answer tokens", "number of answer tokens of the instance (the risk's denominator)."),
+    "sample_weight": ("objective weight", "the forget term's per-sample gradient weight relative to plain ascent "
+                                          "(NPO: 2 p^beta / (p^beta + p_o^beta); 1 means GA-like)."),
+    "learning_rate": ("learning rate", "the optimiser's learning rate at the step (after warm-up)."),
 }
 
 
@@ -61,43 +67,283 @@ def annotate(ds: xr.Dataset) -> xr.Dataset:
     return ds
 
 
-def effects_dataset(effects, *, instance_ids: Sequence[str], splits: Sequence[str],
-                    questions: Sequence[str], answers: Sequence[str], layer_names: Sequence[str],
-                    layer_index: Sequence[int], term_names: Sequence[str], sample_ids: Sequence[str],
-                    against: Sequence[str], token_texts: Sequence[Sequence[str]], step: int = 0,
-                    attrs: Mapping[str, Any] | None = None) -> xr.Dataset:
-    """A one-step Dataset from an engine's :class:`~geffect_lab.engine.core.Effects`."""
-    n_tok = effects.g_effect_token.shape[1]
-    tok_text = np.full((len(instance_ids), n_tok), "", dtype=object)
-    for i, texts in enumerate(token_texts):
-        for k, t in enumerate(texts[:n_tok]):
-            tok_text[i, k] = t
-    data_vars = {
-        "g_effect": (("step", "instance", "layer", "term"), effects.g_effect[None]),
-        "g_effect_token": (("step", "instance", "token"), effects.g_effect_token[None]),
-        "risk": (("step", "instance"), effects.risk[None]),
-        "objective_loss": (("step",), np.array([effects.term_loss.sum()])),
-        "term_loss": (("step", "term"), effects.term_loss[None]),
-        "sample_loss": (("step", "sample"), effects.sample_loss[None]),
-        "token_count": (("instance",), effects.token_count.astype(np.int64)),
-    }
-    if effects.pg_effect is not None:
-        data_vars["pg_effect"] = (("step", "sample", "against"), effects.pg_effect[None])
-    coords = {
-        "step": ("step", np.array([step], dtype=np.int64)),
-        "instance": ("instance", np.array(instance_ids, dtype=object)),
-        "split": ("instance", np.array(splits, dtype=object)),
-        "question": ("instance", np.array(questions, dtype=object)),
-        "answer": ("instance", np.array(answers, dtype=object)),
-        "layer": ("layer", np.array(layer_names, dtype=object)),
-        "layer_index": ("layer", np.array(layer_index, dtype=np.int64)),
-        "term": ("term", np.array(term_names, dtype=object)),
-        "token": ("token", np.arange(n_tok, dtype=np.int64)),
-        "token_text": (("instance", "token"), tok_text),
-        "sample": ("sample", np.array(sample_ids, dtype=object)),
-        "against": ("against", np.array(against, dtype=object)),
-    }
-    ds = xr.Dataset(data_vars, coords=coords)
+@dataclass
+class Axes:
+    """The coordinates of a measurement: who the instances are, which layers, terms and samples."""
+
+    instance_ids: list[str]
+    splits: list[str]
+    questions: list[str]
+    answers: list[str]
+    layer_names: list[str]
+    layer_index: list[int]
+    term_names: list[str]
+    sample_ids: list[str]
+    against: list[str]
+    token_texts: list[list[str]]
+    token_width: int
+
+    def coords(self, steps: Sequence[int]) -> dict[str, Any]:
+        tok_text = np.full((len(self.instance_ids), self.token_width), "", dtype=object)
+        for i, texts in enumerate(self.token_texts):
+            for k, t in enumerate(texts[:self.token_width]):
+                tok_text[i, k] = t
+        return {
+            "step": ("step", np.asarray(steps, dtype=np.int64)),
+            "instance": ("instance", np.array(self.instance_ids, dtype=object)),
+            "split": ("instance", np.array(self.splits, dtype=object)),
+            "question": ("instance", np.array(self.questions, dtype=object)),
+            "answer": ("instance", np.array(self.answers, dtype=object)),
+            "layer": ("layer", np.array(self.layer_names, dtype=object)),
+            "layer_index": ("layer", np.array(self.layer_index, dtype=np.int64)),
+            "term": ("term", np.array(self.term_names, dtype=object)),
+            "token": ("token", np.arange(self.token_width, dtype=np.int64)),
+            "token_text": (("instance", "token"), tok_text),
+            "sample": ("sample", np.array(self.sample_ids, dtype=object)),
+            "against": ("against", np.array(self.against, dtype=object)),
+        }
+
+
+# the dims of every per-step variable
+DIMS: dict[str, tuple[str, ...]] = {
+    "g_effect": ("step", "instance", "layer", "term"),
+    "g_effect_token": ("step", "instance", "token"),
+    "pg_effect": ("step", "sample", "against"),
+    "update_effect": ("step", "instance", "layer"),
+    "risk": ("step", "instance"),
+    "objective_loss": ("step",),
+    "term_loss": ("step", "term"),
+    "sample_loss": ("step", "sample"),
+    "sample_weight": ("step", "sample"),
+    "learning_rate": ("step",),
+}
+
+
+def make_dataset(axes: Axes, steps: Sequence[int], data: Mapping[str, np.ndarray], token_count: np.ndarray,
+                 attrs: Mapping[str, Any] | None = None) -> xr.Dataset:
+    """A results Dataset from per-step arrays (``data[name]`` shaped like :data:`DIMS` ``[name]``)."""
+    data_vars = {name: (DIMS[name], np.asarray(values)) for name, values in data.items() if values is not None}
+    data_vars["token_count"] = (("instance",), np.asarray(token_count, dtype=np.int64))
+    ds = xr.Dataset(data_vars, coords=axes.coords(steps))
     base = {"schema_version": SCHEMA_VERSION, "sign_convention": SIGN_CONVENTION}
     ds.attrs.update(flat_attrs({**base, **(attrs or {})}))
     return annotate(ds)
+
+
+def effects_dataset(effects, axes: Axes, step: int = 0, attrs: Mapping[str, Any] | None = None) -> xr.Dataset:
+    """A one-step Dataset from an engine's :class:`~geffect_lab.engine.core.Effects`."""
+    data = {
+        "g_effect": effects.g_effect[None],
+        "g_effect_token": effects.g_effect_token[None],
+        "risk": effects.risk[None],
+        "objective_loss": np.array([effects.term_loss.sum()]),
+        "term_loss": effects.term_loss[None],
+        "sample_loss": effects.sample_loss[None],
+        "pg_effect": None if effects.pg_effect is None else effects.pg_effect[None],
+        "sample_weight": None if effects.sample_weight is None else effects.sample_weight[None],
+        "update_effect": None if effects.extra is None else effects.extra[None, ..., 0],
+    }
+    return make_dataset(axes, [step], data, effects.token_count, attrs)
+
+
+# ------------------------------------------------------------------------------------------- save / load
+class SchemaError(ValueError):
+    """A results file written under another schema version, or not a geffect-lab file at all."""
+
+
+def save(ds: xr.Dataset, path, *, atomic: bool = True) -> Path:
+    """Write a results Dataset to netCDF (HDF5 via h5netcdf). With ``atomic`` the file appears complete or not
+    at all (written beside it, then renamed). Returns the path."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds = ds.copy()
+    ds.attrs = flat_attrs(ds.attrs)
+    for name in ds.variables:
+        ds[name].attrs = flat_attrs(ds[name].attrs)
+    if not atomic:
+        ds.to_netcdf(path, engine="h5netcdf")
+        return path
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        ds.to_netcdf(tmp, engine="h5netcdf")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load(path) -> xr.Dataset:
+    """Read a results file written by :func:`save` (fully into memory; the file is closed). A file of
+    another schema version is refused with both versions named."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such results file")
+    with xr.open_dataset(path, engine="h5netcdf") as opened:
+        ds = opened.load()
+    version = ds.attrs.get("schema_version")
+    if version is None:
+        raise SchemaError(f"{path} is not a geffect-lab results file (it has no schema_version attribute)")
+    if int(version) != SCHEMA_VERSION:
+        raise SchemaError(f"{path} was written with results schema version {int(version)}; this geffect-lab "
+                          f"reads schema version {SCHEMA_VERSION}. Re-run it, or load it with the geffect-lab "
+                          "release that wrote it.")
+    return ds
+
+
+# ------------------------------------------------------------------------------------------- combine
+_MUST_AGREE = ("step", "instance", "layer", "token", "sample", "against")
+
+
+def combine(runs, dim: str = "objective", labels: Sequence[str] | None = None) -> xr.Dataset:
+    """Stack runs along a new dimension (``objective``, ``run``, ``seed`` …) when their coordinates agree.
+
+    ``runs`` is a sequence of Datasets (labels from ``labels``, else each run's ``objective`` attr, made
+    unique) or a mapping label → Dataset. ``step``, ``instance``, ``layer``, ``token``, ``sample`` and
+    ``against`` must be identical (the error names the first mismatch); ``term`` may differ (``npo`` beside
+    ``npo+gd``): the union is taken and missing terms are NaN. Per-run attrs that differ are kept as a JSON
+    list in ``{dim}_attrs``.
+    """
+    if isinstance(runs, Mapping):
+        labels, runs = [str(k) for k in runs], list(runs.values())
+    runs = list(runs)
+    if not runs:
+        raise ValueError("nothing to combine: give at least one results Dataset")
+    if labels is None:
+        names = [str(r.attrs.get("objective", f"run{i}")) for i, r in enumerate(runs)]
+        labels = [n if names.count(n) == 1 else f"{n}#{names[:i + 1].count(n)}" for i, n in enumerate(names)]
+    labels = [str(x) for x in labels]
+    if len(labels) != len(runs):
+        raise ValueError(f"{len(labels)} labels for {len(runs)} runs")
+    first = runs[0]
+    for label, run in zip(labels[1:], runs[1:]):
+        for name in _MUST_AGREE:
+            a, b = first.coords.get(name), run.coords.get(name)
+            if (a is None) != (b is None):
+                raise ValueError(f"cannot combine {labels[0]!r} and {label!r}: only one of them has a {name!r} "
+                                 "coordinate")
+            if a is not None and (a.shape != b.shape or not np.array_equal(a.values, b.values)):
+                diff = sorted(set(map(str, a.values)) ^ set(map(str, b.values)))[:3]
+                detail = f" (e.g. {', '.join(diff)})" if diff else f" (sizes {a.size} and {b.size}, or order)"
+                raise ValueError(f"cannot combine {labels[0]!r} and {label!r}: their {name!r} coordinates "
+                                 f"differ{detail}. Runs combine only when measured on the same steps, "
+                                 "instances and layers.")
+    import pandas as pd
+
+    stacked = xr.concat([r.assign_attrs({}) for r in runs], dim=pd.Index(labels, name=dim), join="outer",
+                        data_vars="all", coords="minimal", compat="override", combine_attrs="drop")
+    shared = {k: v for k, v in first.attrs.items() if all(r.attrs.get(k) == v for r in runs[1:])}
+    differing = sorted({k for r in runs for k in r.attrs} - set(shared))
+    per_run = {k: [r.attrs.get(k, "") for r in runs] for k in differing}
+    stacked.attrs = flat_attrs({**shared, f"{dim}_attrs": per_run})
+    return annotate(stacked)
+
+
+# ------------------------------------------------------------------------------------------- accessor
+@xr.register_dataset_accessor("geffect")
+class GEffectAccessor:
+    """Common views of a results Dataset: ``ds.geffect.unlearning()``, ``.retaining()``, ``.total()``,
+    ``.coarse()``, ``.cumulative()``, ``.risk_change()``.
+
+    Unlearning = the ``targeted`` instances, retaining = the ``non_targeted`` ones (the ``split`` coordinate).
+    """
+
+    def __init__(self, ds: xr.Dataset):
+        self._ds = ds
+
+    def total(self, var: str = "g_effect") -> xr.DataArray:
+        """Each instance's G-effect summed over layers and terms: [step, instance] (plus any run dims)."""
+        da = self._ds[var]
+        return da.sum([d for d in ("layer", "term") if d in da.dims], min_count=1)
+
+    def _mean_over(self, split: str, keep: Sequence[str], var: str) -> xr.DataArray:
+        da = self._ds[var]
+        drop = [d for d in ("layer", "term") if d in da.dims and d not in keep]
+        da = da.sum(drop, min_count=1) if drop else da
+        selected = da.where(self._ds["split"] == split, drop=True)
+        if selected.sizes.get("instance", 0) == 0:
+            raise KeyError(f"no {split!r} instances in this Dataset (splits: "
+                           f"{', '.join(sorted(set(map(str, self._ds['split'].values))))})")
+        out = selected.mean("instance")
+        out.attrs = {**da.attrs, "long_name": f"{split.replace('_', '-')} {da.attrs.get('long_name', var)}"}
+        return out
+
+    def unlearning(self, keep: Sequence[str] = (), var: str = "g_effect") -> xr.DataArray:
+        """e_u: the mean over targeted instances of the G-effect (summed over layers and terms unless named
+        in ``keep``, e.g. ``keep=("layer",)``). Negative = the forget risk rises."""
+        return self._mean_over("targeted", keep, var)
+
+    def retaining(self, keep: Sequence[str] = (), var: str = "g_effect") -> xr.DataArray:
+        """e_r: the mean over non-targeted instances. Negative = collateral damage."""
+        return self._mean_over("non_targeted", keep, var)
+
+    def coarse(self, var: str = "g_effect") -> xr.DataArray:
+        """The G-effect on the paper's five layer groups (embed, shallow, middle, deep, lm), summed."""
+        from .engine.groups import COARSE_GROUPS, coarse_map
+
+        da = self._ds[var]
+        mapping = coarse_map(list(map(str, da["layer"].values)))
+        labels = xr.DataArray([mapping[str(x)] for x in da["layer"].values], dims="layer", name="coarse")
+        out = da.groupby(labels).sum(min_count=1).rename(coarse="layer")
+        out = out.reindex(layer=[g for g in COARSE_GROUPS if g in out["layer"].values])
+        out.attrs = dict(da.attrs)
+        return out
+
+    def cumulative(self, var: str = "g_effect") -> xr.DataArray:
+        """Σ_{s<t} lr_s · e_s along ``step``: by first order, the risk change up to step t is ``-cumulative``.
+        Needs the run's ``learning_rate``; steps where nothing was recorded count as zero."""
+        if "learning_rate" not in self._ds:
+            raise KeyError("this Dataset has no learning_rate (a single g_effect measurement has no run to "
+                           "accumulate over); use a Dataset from gl.unlearn")
+        da = (self._ds[var] * self._ds["learning_rate"]).fillna(0.0)
+        out = da.cumsum("step").shift(step=1, fill_value=0.0)
+        out.attrs = {"long_name": f"cumulative lr-weighted {self._ds[var].attrs.get('long_name', var)}",
+                     "description": "sum over earlier steps of learning_rate * " + var + "; the first-order "
+                                    "predicted risk change is its negative"}
+        return out
+
+    def risk_change(self) -> xr.DataArray:
+        """Measured ``R_t − R_0`` per instance."""
+        risk = self._ds["risk"]
+        out = risk - risk.isel(step=0)
+        out.attrs = {"long_name": "risk change", "description": "R_t - R_0 per instance (measured)"}
+        return out
+
+
+# ------------------------------------------------------------------------------------------- summaries
+def summarize(runs):
+    """One row per run: mean unlearning / retaining G-effect over the recorded steps, their ratio, and the
+    forget / retain risk at the start and the end. ``runs``: a Dataset, a list, or a mapping name → Dataset."""
+    import pandas as pd
+
+    if isinstance(runs, xr.Dataset):
+        runs = [runs]
+    items = list(runs.items()) if isinstance(runs, Mapping) else [(str(r.attrs.get("objective", i)), r)
+                                                                  for i, r in enumerate(runs)]
+    rows = []
+    for name, ds in items:
+        row: dict[str, Any] = {"run": name, "steps": int(ds.attrs.get("steps", ds.sizes.get("step", 0))),
+                               "complete": int(ds.attrs.get("complete", 1))}
+        acc = ds.geffect
+        if "g_effect" in ds:
+            e_u = acc.unlearning().mean("step", skipna=True)
+            e_r = acc.retaining().mean("step", skipna=True)
+            row.update(mean_e_u=float(e_u), mean_e_r=float(e_r),
+                       ratio_abs_e_r_e_u=float(abs(e_r) / abs(e_u)) if float(e_u) else np.nan)
+        risk = ds["risk"]
+        for split, label in (("targeted", "forget"), ("non_targeted", "retain")):
+            sel = risk.where(ds["split"] == split, drop=True)
+            if sel.sizes.get("instance", 0):
+                mean = sel.mean("instance")
+                row[f"{label}_risk_start"] = float(mean.isel(step=0))
+                row[f"{label}_risk_end"] = float(mean.isel(step=-1))
+        if "sample_weight" in ds:
+            w = ds["sample_weight"].mean("sample", skipna=True).dropna("step")
+            if w.sizes["step"]:
+                row["weight_end"] = float(w.isel(step=-1))
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("run")
