@@ -12,12 +12,12 @@ from .. import __version__
 from .._batching import eval_mode
 from ..data import encode, example_field, example_id
 from ..objectives import ObjectiveError, resolve_objective
-from ..results import effects_dataset
+from ..results import Axes, effects_dataset
 from .core import fast_effects, reference_effects
 from .forward import encode_side, reference_quantities, resolve_layers
 from .groups import layer_groups
 
-__all__ = ["g_effect", "prepare_targets", "model_description"]
+__all__ = ["g_effect", "prepare_targets", "model_description", "make_axes"]
 
 ENGINES = ("fast", "reference")
 
@@ -52,10 +52,6 @@ def prepare_targets(tokenizer, targets, template=None):
         raise ObjectiveError(f"instance ids must be unique across the target sets; repeated: {', '.join(dup[:5])}")
     batch = encode(tokenizer, examples, template)
     return batch, ids, splits, examples, slices
-
-
-def _token_texts(tokenizer, answer_tokens):
-    return [[tokenizer.decode([t]) for t in row] for row in answer_tokens]
 
 
 def g_effect(model, tokenizer, objective="ga", params: Mapping[str, Any] | None = None, *, forget: Sequence,
@@ -121,10 +117,16 @@ def g_effect(model, tokenizer, objective="ga", params: Mapping[str, Any] | None 
         "engine": engine, "package_version": __version__, "reference": "initial model" if reference is None
         else "given", **model_description(model),
     }
-    return effects_dataset(
-        effects, instance_ids=ids, splits=splits,
-        questions=[example_field(e, "question") for e in examples],
-        answers=[example_field(e, "answer") for e in examples],
-        layer_names=groups.names, layer_index=groups.index, term_names=obj.term_names,
-        sample_ids=sides["forget"].ids, against=list(slices),
-        token_texts=_token_texts(tokenizer, effects.answer_tokens), step=step, attrs=attrs)
+    axes = make_axes(tokenizer, ids, splits, examples, groups, obj, sides["forget"].ids, list(slices),
+                     effects.answer_tokens, effects.g_effect_token.shape[1])
+    return effects_dataset(effects, axes, step=step, attrs=attrs)
+
+
+def make_axes(tokenizer, ids, splits, examples, groups, objective, sample_ids, against, answer_tokens, width):
+    """The :class:`~geffect_lab.results.Axes` of a measurement."""
+    return Axes(instance_ids=list(ids), splits=list(splits),
+                questions=[example_field(e, "question") for e in examples],
+                answers=[example_field(e, "answer") for e in examples], layer_names=list(groups.names),
+                layer_index=groups.index, term_names=objective.term_names, sample_ids=list(sample_ids),
+                against=list(against), token_texts=[[tokenizer.decode([t]) for t in row] for row in answer_tokens],
+                token_width=width)

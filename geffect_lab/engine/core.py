@@ -16,7 +16,25 @@ from .forward import Side, objective_inputs, risk_and_tokens
 from .ghost import GhostPass, accumulation_dtype, engine_mode
 from .groups import LayerGroups
 
-__all__ = ["Effects", "term_gradients", "risk_gradient", "fast_effects", "reference_effects"]
+__all__ = ["Effects", "ObjectiveGradient", "term_gradients", "risk_gradient", "fast_effects", "reference_effects"]
+
+
+@dataclass
+class ObjectiveGradient:
+    """The objective's gradient at θ, term by term, with the losses computed on the way."""
+
+    grads: list[dict[int, torch.Tensor]]   # [term] -> {id(param): ∇(weight · mean_j ℓ_j)}
+    term_loss: np.ndarray                  # [term]
+    sample_loss: np.ndarray                # [sample] the forget term's ℓ_j
+    sample_weight: np.ndarray | None       # [sample] the forget term's gradient weight, when it defines one
+
+    def total(self) -> dict[int, torch.Tensor]:
+        """∇L_u: the sum of the term gradients."""
+        out: dict[int, torch.Tensor] = {}
+        for direction in self.grads:
+            for k, v in direction.items():
+                out[k] = out[k] + v if k in out else v.clone()
+        return out
 
 
 @dataclass
@@ -31,6 +49,8 @@ class Effects:
     term_loss: np.ndarray           # [term]  weight · mean_j ℓ_j
     sample_loss: np.ndarray         # [sample] the forget term's ℓ_j
     answer_tokens: list[list[int]] = field(default_factory=list)  # token ids of each target's answer
+    extra: np.ndarray | None = None  # [instance, layer, extra direction] (e.g. the optimiser's step)
+    sample_weight: np.ndarray | None = None
 
 
 def _params(model) -> list[torch.nn.Parameter]:
@@ -42,24 +62,27 @@ def _params(model) -> list[torch.nn.Parameter]:
     return out
 
 
-def term_gradients(model, objective: Objective, sides: dict[str, Side], reference):
-    """∇(weight · mean_j ℓ_j) of every term: ``[term] -> {id(param): grad}``, the term losses and the forget
-    term's per-sample losses. One ordinary forward+backward per term, in eval mode, ``.grad`` untouched."""
+def term_gradients(model, objective: Objective, sides: dict[str, Side], reference) -> ObjectiveGradient:
+    """∇(weight · mean_j ℓ_j) of every term, the term losses and the forget term's per-sample losses (and
+    weights). One ordinary forward+backward per term, in eval mode, ``.grad`` untouched."""
     params = [p for p in _params(model) if p.requires_grad]
     if not params:
         raise ObjectiveError("no parameter of the model requires grad; the G-effect is taken over the "
                              "trainable parameters")
-    grads, losses, sample_loss = [], [], None
+    grads, losses, sample_loss, sample_weight = [], [], None, None
     with eval_mode(model), torch.enable_grad():
         for term in objective.terms:
-            per_sample = term.loss(objective_inputs(model, term, sides[term.spec.role], reference))
+            inputs = objective_inputs(model, term, sides[term.spec.role], reference)
+            per_sample = term.loss(inputs)
             loss = term.weight * per_sample.mean()
             if term.spec.role == "forget":
-                sample_loss = per_sample.detach()
+                sample_loss = per_sample.detach().double().cpu().numpy()
+                weight = term.sample_weight(inputs)
+                sample_weight = None if weight is None else weight.double().cpu().numpy()
             got = torch.autograd.grad(loss, params, allow_unused=True)
             grads.append({id(p): g.detach() for p, g in zip(params, got) if g is not None})
             losses.append(float(loss.detach()))
-    return grads, np.array(losses), sample_loss.double().cpu().numpy()
+    return ObjectiveGradient(grads, np.array(losses), sample_loss, sample_weight)
 
 
 def risk_gradient(model, batch, chunk_size: int | None) -> dict[int, torch.Tensor]:
@@ -92,18 +115,27 @@ def _check_finite(name: str, values: torch.Tensor, ids: Sequence[str]):
 
 def fast_effects(model, groups: LayerGroups, objective: Objective, sides: dict[str, Side], reference,
                  targets: dict[str, torch.Tensor], target_ids: list[str], target_sets: dict[str, slice],
-                 chunk_size: int | None = 16, per_token: bool = True, pg: bool = True) -> Effects:
-    """The fast engine: ghost dot products over chunks of targets, forward-mode tangents for the tokens."""
-    grads, term_loss, sample_loss = term_gradients(model, objective, sides, reference)
+                 chunk_size: int | None = 16, per_token: bool = True, pg: bool = True,
+                 gradient: ObjectiveGradient | None = None, extra: Sequence[dict[int, torch.Tensor]] = ()
+                 ) -> Effects:
+    """The fast engine: ghost dot products over chunks of targets, forward-mode tangents for the tokens.
+
+    ``gradient`` reuses an objective gradient already computed (a training loop has it for its update);
+    ``extra`` directions (the optimiser's step) are contracted in the same pass into ``Effects.extra``.
+    """
+    gradient = gradient if gradient is not None else term_gradients(model, objective, sides, reference)
+    grads = gradient.grads
     n = targets["input_ids"].shape[0]
-    g_eff = np.zeros((n, len(groups.names), len(grads)))
+    n_terms = len(grads)
+    g_eff = np.zeros((n, len(groups.names), n_terms + len(extra)))
     risks = np.zeros(n)
     token_rows: list[np.ndarray] = []
-    ghost = GhostPass(model, groups, grads, propagate=per_token)
+    ghost = GhostPass(model, groups, list(grads) + list(extra), propagate=range(n_terms) if per_token else False)
     # With the PG-effect asked for, the same backward also yields each target set's risk gradient (chunks
     # never straddle two sets), so the PG-effect costs one more pass over the forget samples only.
     set_grads: list[dict[int, torch.Tensor]] = []
-    for set_slice in target_sets.values():
+    # without the PG-effect, chunks may straddle the sets (fewer, fuller passes)
+    for set_slice in target_sets.values() if pg else [slice(0, n)]:
         acc: dict[int, torch.Tensor] = {}
         size = set_slice.stop - set_slice.start
         part_set = {k: v[set_slice] for k, v in targets.items()}
@@ -131,8 +163,10 @@ def fast_effects(model, groups: LayerGroups, objective: Objective, sides: dict[s
                         acc[k] = g.div_(size)
         set_grads.append(acc)
     pg_eff = _fast_pg(model, groups, objective, sides, reference, set_grads) if pg else None
-    return Effects(g_eff, _pad_tokens(token_rows, targets) if per_token else _empty_tokens(n, targets), risks,
-                   _token_count(targets), pg_eff, term_loss, sample_loss, _answer_tokens(targets))
+    return Effects(g_eff[..., :n_terms], _pad_tokens(token_rows, targets) if per_token else _empty_tokens(n, targets),
+                   risks, _token_count(targets), pg_eff, gradient.term_loss, gradient.sample_loss,
+                   _answer_tokens(targets), extra=g_eff[..., n_terms:] if extra else None,
+                   sample_weight=gradient.sample_weight)
 
 
 def _fast_pg(model, groups, objective, sides, reference, set_grads):
@@ -182,13 +216,10 @@ def reference_effects(model, groups: LayerGroups, objective: Objective, sides: d
     """The oracle: per instance (and per token, per sample) an ordinary full-size gradient, dotted with the
     term gradients layer by layer. Slow by design; same chunks as the fast engine so both see the same
     batch encodings."""
-    grads, term_loss, sample_loss = term_gradients(model, objective, sides, reference)
+    gradient = term_gradients(model, objective, sides, reference)
+    grads, total = gradient.grads, gradient.total()
     dtype = accumulation_dtype(model)
     params = [p for p in _params(model) if p.requires_grad]
-    total = {}
-    for direction in grads:
-        for k, v in direction.items():
-            total[k] = total[k] + v if k in total else v.clone()
     n = targets["input_ids"].shape[0]
     width = max(int(_token_count(targets).max()), 1)
     g_eff = np.zeros((n, len(groups.names), len(grads)))
@@ -218,8 +249,8 @@ def reference_effects(model, groups: LayerGroups, objective: Objective, sides: d
                 g_j = torch.autograd.grad(per_sample[j], params, retain_graph=True, allow_unused=True)
                 for d, direction in enumerate(directions):
                     pg_eff[j, d] = float(_dot_by_group(groups, g_j, params, direction, dtype).sum())
-    return Effects(g_eff, tok_eff, risks, _token_count(targets), pg_eff, term_loss, sample_loss,
-                   _answer_tokens(targets))
+    return Effects(g_eff, tok_eff, risks, _token_count(targets), pg_eff, gradient.term_loss, gradient.sample_loss,
+                   _answer_tokens(targets), sample_weight=gradient.sample_weight)
 
 
 __all__ += ["engine_mode"]

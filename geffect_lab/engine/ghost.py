@@ -89,15 +89,18 @@ class GhostPass:
     parameters count as zero). :meth:`run` calls ``fn()``, which must run the model's forward pass(es) and
     return ``(row_losses, extras)``: ``row_losses`` [rows] is what gets differentiated (rows must not
     interact), ``extras`` a tuple of tensors whose tangents (along the sum of the directions) are wanted
-    when ``propagate`` is true. Every forward inside ``fn`` must put its rows in the same order.
+    when ``propagate`` is true (or the indices of the directions to follow). Every forward inside ``fn`` must
+    put its rows in the same order.
     """
 
     def __init__(self, model: nn.Module, groups: LayerGroups, directions: Sequence[dict[int, torch.Tensor]],
-                 propagate: bool = False):
+                 propagate: bool | Sequence[int] = False):
         self.model = model
         self.groups = groups
         self.directions = list(directions)
-        self.propagate = propagate
+        # which directions the forward-mode tangent follows (their sum): all, none or the listed ones
+        self.tangent_dirs = set(range(len(self.directions))) if propagate is True else set(propagate or ())
+        self.propagate = bool(self.tangent_dirs)
         self.acc_dtype = accumulation_dtype(model)
         self._busy = False
         self._acc: torch.Tensor | None = None
@@ -188,8 +191,9 @@ class GhostPass:
                         f"module {type(module).__name__} returned {primal.shape[0]} rows for a batch of {n_rows}: "
                         "the engine needs the batch as the first dimension of every module output")
                 if self.propagate:
-                    total = sum(t for _, _, t in pieces)
-                    tangent = (total if tangent is None else tangent + total).detach()
+                    total = sum(t for _, d, t in pieces if d in self.tangent_dirs)
+                    if not isinstance(total, int):
+                        tangent = (total if tangent is None else tangent + total).detach()
                     y_new = fwAD.make_dual(primal, tangent)
                 else:
                     y_new = primal

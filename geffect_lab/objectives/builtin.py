@@ -23,14 +23,22 @@ def ga(x: ObjectiveInputs) -> torch.Tensor:
     return -x.mean(x.nll)
 
 
-@objective("wga")
+def _wga_weight(x: ObjectiveInputs, alpha: float = 1.0) -> torch.Tensor:
+    return x.mean(torch.exp(alpha * x.logp))
+
+
+@objective("wga", weight=_wga_weight)
 def wga(x: ObjectiveInputs, alpha: float = 1.0) -> torch.Tensor:
     """Weighted gradient ascent: ℓ = -mean_k sg(p_k)^α · nll_k."""
     weight = torch.exp(alpha * x.logp).detach()
     return -x.mean(weight * x.nll)
 
 
-@objective("npo", needs=("ref_logp",))
+def _npo_weight(x: ObjectiveInputs, beta: float = 0.1) -> torch.Tensor:
+    return 2.0 * torch.sigmoid(beta * (_seq_logp(x) - x.sum(x.ref_logp)))
+
+
+@objective("npo", needs=("ref_logp",), weight=_npo_weight)
 def npo(x: ObjectiveInputs, beta: float = 0.1) -> torch.Tensor:
     """Negative preference optimisation: ℓ = -(2/β)·logsigmoid(-β·(Σ_k log p_k − Σ_k log p_o,k)).
 
@@ -39,7 +47,11 @@ def npo(x: ObjectiveInputs, beta: float = 0.1) -> torch.Tensor:
     return -(2.0 / beta) * F.logsigmoid(-beta * (_seq_logp(x) - x.sum(x.ref_logp)))
 
 
-@objective("simnpo")
+def _simnpo_weight(x: ObjectiveInputs, beta: float = 2.5, delta: float = 0.0) -> torch.Tensor:
+    return 2.0 * torch.sigmoid(beta * x.mean(x.logp) + delta)
+
+
+@objective("simnpo", weight=_simnpo_weight)
 def simnpo(x: ObjectiveInputs, beta: float = 2.5, delta: float = 0.0) -> torch.Tensor:
     """Simple NPO (reference-free, length-normalised): ℓ = -(2/β)·logsigmoid(-β·mean_k log p_k − δ)."""
     return -(2.0 / beta) * F.logsigmoid(-beta * x.mean(x.logp) - delta)
@@ -52,13 +64,21 @@ def npo_token_weight(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float, al
     return 2.0 * torch.exp(alpha * logp) * torch.sigmoid(beta * (logp - ref_logp))
 
 
-@objective("tnpo", needs=("ref_logp",))
+def _tnpo_weight(x: ObjectiveInputs, beta: float = 1.0) -> torch.Tensor:
+    return x.mean(npo_token_weight(x.logp, x.ref_logp, beta))
+
+
+def _wtnpo_weight(x: ObjectiveInputs, alpha: float = 1.5, beta: float = 1.0) -> torch.Tensor:
+    return x.mean(npo_token_weight(x.logp, x.ref_logp, beta, alpha))
+
+
+@objective("tnpo", needs=("ref_logp",), weight=_tnpo_weight)
 def tnpo(x: ObjectiveInputs, beta: float = 1.0) -> torch.Tensor:
     """Token-wise NPO: ℓ = -mean_k w_k·nll_k, w_k = sg(2p_k^β/(p_k^β+p_o,k^β))."""
     return -x.mean(npo_token_weight(x.logp, x.ref_logp, beta) * x.nll)
 
 
-@objective("wtnpo", needs=("ref_logp",))
+@objective("wtnpo", needs=("ref_logp",), weight=_wtnpo_weight)
 def wtnpo(x: ObjectiveInputs, alpha: float = 1.5, beta: float = 1.0) -> torch.Tensor:
     """Weighted token-wise NPO: ℓ = -mean_k w_k·nll_k, w_k = sg(2p_k^(β+α)/(p_k^β+p_o,k^β))."""
     return -x.mean(npo_token_weight(x.logp, x.ref_logp, beta, alpha) * x.nll)
@@ -70,13 +90,20 @@ def po(x: ObjectiveInputs) -> torch.Tensor:
     return -x.mean(x.alt_logp, x.alt_mask)
 
 
-@objective("dpo", needs=("ref_logp", "alt", "ref_alt_logp"))
+def _dpo_margin(x: ObjectiveInputs) -> torch.Tensor:
+    refusal = x.sum(x.alt_logp, x.alt_mask) - x.sum(x.ref_alt_logp, x.alt_mask)
+    return refusal - (_seq_logp(x) - x.sum(x.ref_logp))
+
+
+def _dpo_weight(x: ObjectiveInputs, beta: float = 0.1) -> torch.Tensor:
+    return 2.0 * torch.sigmoid(-beta * _dpo_margin(x))
+
+
+@objective("dpo", needs=("ref_logp", "alt", "ref_alt_logp"), weight=_dpo_weight)
 def dpo(x: ObjectiveInputs, beta: float = 0.1) -> torch.Tensor:
     """DPO with the refusal preferred over the answer:
     ℓ = -(2/β)·logsigmoid(β·[(log p − log p_o)(refusal) − (log p − log p_o)(answer)]), sequence sums."""
-    refusal = x.sum(x.alt_logp, x.alt_mask) - x.sum(x.ref_alt_logp, x.alt_mask)
-    answer = _seq_logp(x) - x.sum(x.ref_logp)
-    return -(2.0 / beta) * F.logsigmoid(beta * (refusal - answer))
+    return -(2.0 / beta) * F.logsigmoid(beta * _dpo_margin(x))
 
 
 def rmu_direction(dim: int, seed: int, normalize: bool, dtype: torch.dtype, device) -> torch.Tensor:

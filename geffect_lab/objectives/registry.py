@@ -95,6 +95,7 @@ class ObjectiveSpec:
     role: str = "forget"
     needs: frozenset[str] = frozenset()
     description: str = ""
+    weight: Callable[..., torch.Tensor] | None = None  # per-sample gradient weight, for diagnostics
 
     @property
     def parameters(self) -> dict[str, inspect.Parameter]:
@@ -202,6 +203,13 @@ class Term:
 
     __rmul__ = __mul__
 
+    def sample_weight(self, inputs: ObjectiveInputs) -> torch.Tensor | None:
+        """The objective's per-sample gradient weight (NPO's 2p^β/(p^β+p_o^β), …), if it defines one."""
+        if self.spec.weight is None:
+            return None
+        with torch.no_grad():
+            return self.spec.weight(inputs, **self.params).detach()
+
     def loss(self, inputs: ObjectiveInputs) -> torch.Tensor:
         """Per-sample losses, checked: shape [sample], finite."""
         out = self.spec.fn(inputs, **self.params)
@@ -285,13 +293,16 @@ class Objective:
 _REGISTRY: dict[str, ObjectiveSpec] = {}
 
 
-def objective(name: str, *, role: str = "forget", needs: Iterable[str] = ()):
+def objective(name: str, *, role: str = "forget", needs: Iterable[str] = (),
+              weight: Callable[..., torch.Tensor] | None = None):
     """Register a per-sample loss function under ``name``.
 
     The function takes an :class:`ObjectiveInputs` first and keyword parameters with defaults after it; it
     returns a tensor [sample]. ``role="forget"`` objectives run on forget samples, ``role="retain"`` ones
     (regularisers) on retain samples. ``needs`` lists what the engine must compute (see :data:`NEEDS`); an
-    objective that needs ``hidden`` must have a ``layer`` parameter. Registering a name again replaces it.
+    objective that needs ``hidden`` must have a ``layer`` parameter. ``weight(x, **params)`` optionally gives
+    the per-sample factor by which the objective rescales a plain (ascent or descent) gradient — NPO's
+    ``2p^β/(p^β+p_o^β)`` — which runs record as ``sample_weight``. Registering a name again replaces it.
     """
     if role not in ROLES:
         raise ObjectiveError(f"role must be one of {ROLES}, got {role!r}")
@@ -306,7 +317,7 @@ def objective(name: str, *, role: str = "forget", needs: Iterable[str] = ()):
     def register(fn: Callable[..., torch.Tensor]) -> ObjectiveSpec:
         doc = inspect.getdoc(fn) or ""
         spec = ObjectiveSpec(name=name, fn=fn, role=role, needs=needs,
-                             description=doc.splitlines()[0] if doc else "")
+                             description=doc.splitlines()[0] if doc else "", weight=weight)
         if needs & {"hidden", "ref_hidden"} and "layer" not in spec.parameters:
             raise ObjectiveError(f"objective {name!r} needs hidden states, so it must take a 'layer' parameter")
         _REGISTRY[name] = spec

@@ -59,7 +59,7 @@ def test_additivity(arch, tokenizer, tiny_llama, tiny_gpt2, tiny_sets):
     obj = resolve_objective("npo+gd")
     sides = {"forget": encode_side(tokenizer, tiny_sets["forget"]),
              "retain": encode_side(tokenizer, tiny_sets["retain"], role="retain")}
-    grads, _, _ = term_gradients(model, obj, sides, model)
+    grads = term_gradients(model, obj, sides, model).grads
     total = {k: grads[0][k] + grads[1].get(k, 0) for k in grads[0]}
     # each check below encodes instances differently (alone, or one set at a time); HF's Llama computes
     # RMSNorm in float32, so different encodings of one instance agree to ~1e-8 there (GPT-2: ~1e-15)
@@ -95,7 +95,7 @@ def test_first_order_prediction_of_one_sgd_step(name, world):
         model, tok = gl.zoo.load(name, dtype=torch.float64, attn_implementation="sdpa")
         ds = gl.g_effect(model, tok, "ga", forget=forget, targets=targets, per_token=False, pg=False)
         e = ds.g_effect.sum(["layer", "term"]).isel(step=0).values
-        grads, _, _ = term_gradients(model, resolve_objective("ga"), {"forget": encode_side(tok, forget)}, model)
+        grads = term_gradients(model, resolve_objective("ga"), {"forget": encode_side(tok, forget)}, model).grads
         lr = 1e-7 / abs(e).max()
         with torch.no_grad():
             for p in model.parameters():

@@ -163,7 +163,7 @@ def test_rmu_value_and_gradient(normalize):
     u = u / u.norm() if normalize else u
     for j, value in enumerate(gl.objectives.rmu(x, layer=0, c=c, normalize=normalize)):
         k = int(MASK[j].sum())
-        expected = float(((hidden[j, :k] - c * u) ** 2).mean())
+        expected = float(((hidden[j, :k] - c * u) ** 2).mean().detach())
         assert float(value.detach()) == pytest.approx(expected, rel=1e-12)
     _fd_check(gl.objectives.rmu, x, field="hidden", layer=0, c=c, normalize=normalize)
 
@@ -175,7 +175,7 @@ def test_kl_value_and_gradient():
     x = _inputs(full_logp=full, ref_full_logp=ref)
     for j, value in enumerate(gl.objectives.kl(x)):
         k = int(MASK[j].sum())
-        expected = sum(float((ref[j, t].exp() * (ref[j, t] - full[j, t])).sum()) for t in range(k)) / k
+        expected = sum(float((ref[j, t].exp() * (ref[j, t] - full[j, t])).sum().detach()) for t in range(k)) / k
         assert float(value.detach()) == pytest.approx(expected, rel=1e-12)
     _fd_check(gl.objectives.kl, x, field="full_logp")
     x.full_logp = ref.clone().requires_grad_(True)
@@ -189,6 +189,6 @@ def test_rr_value_and_gradient():
     x = _inputs(hidden=hidden, hidden_mask=MASK, ref_hidden=ref)
     for j, value in enumerate(gl.objectives.rr(x, layer=0)):
         k = int(MASK[j].sum())
-        expected = float(((hidden[j, :k] - ref[j, :k]) ** 2).sum(-1).mean())
+        expected = float(((hidden[j, :k] - ref[j, :k]) ** 2).sum(-1).mean().detach())
         assert float(value.detach()) == pytest.approx(expected, rel=1e-12)
     _fd_check(gl.objectives.rr, x, field="hidden", layer=0)

@@ -1,0 +1,436 @@
+"""``gl.unlearn``: an unlearning run recorded step by step into one Dataset.
+
+At every recorded step t, *before* the update, the engine measures on the evaluation instances — targeted
+(forget) and non-targeted (held-out retain) — the G-effects of the objective per instance × layer × term,
+per answer token, and per objective sample (the PG-effect), with the very gradient the optimiser is about to
+use. After the update it records the ``update_effect``: the same inner product with the optimiser's actual
+step ``-Δθ_t / lr_t``, measured at θ_t in the same pass (under SGD it equals the G-effect; under Adam it
+shows what the preconditioner does). A last step row holds the risks after the final update.
+
+Defaults reproduce the paper's protocol in miniature (see :data:`PAPER_PROTOCOL`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+
+from . import __version__
+from ._batching import eval_mode
+from .data import example_field, example_id, load_world
+from .engine.api import make_axes, model_description, prepare_targets
+from .engine.core import fast_effects, term_gradients
+from .engine.forward import encode_side, reference_quantities, resolve_layers, risk_and_tokens
+from .engine.groups import layer_groups
+from .objectives import Objective, ObjectiveError, resolve_objective
+from .results import DIMS, make_dataset, save
+
+__all__ = ["unlearn", "RECORD_ALL", "PAPER_PROTOCOL", "DEFAULTS", "select_eval", "RunStopped"]
+
+RECORD_ALL = ("g_effect", "g_effect_token", "pg_effect", "update_effect")
+
+# The paper's TOFU protocol (Llama-2-7B) beside this package's defaults on the bundled world.
+PAPER_PROTOCOL = {
+    "model": ("Llama-2-7B fine-tuned on TOFU", "zoo 'target': 0.85 M-parameter Llama trained on the world"),
+    "forget": ("forget05: 10 authors, 200 QA", "forget05: 5 authors, 50 QA"),
+    "optimizer": ("AdamW", "adamw"),
+    "lr": ("1e-5", "3e-4 (a tiny model needs a larger step to move in a few dozen steps)"),
+    "batch_size": ("32", "10"),
+    "epochs": ("5", "5 (25 steps)"),
+    "record_every": ("G-effects every step", "1"),
+    "eval": ("the forget set and retain samples", "32 forget + 32 held-out retain instances"),
+}
+DEFAULTS = {"forget": "forget05", "optimizer": "adamw", "lr": 3e-4, "batch_size": 10, "epochs": 5,
+            "weight_decay": 0.0, "warmup": 0, "record_every": 1}
+
+
+class RunStopped(RuntimeError):
+    """Raised inside the loop to stop a run early (by the callback or a non-finite loss)."""
+
+
+def _spaced(items: Sequence, n: int) -> list:
+    """Up to ``n`` items spread evenly over the sequence (deterministic)."""
+    items = list(items)
+    if len(items) <= n:
+        return items
+    return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
+
+
+def select_eval(forget: Sequence, retain: Sequence, n: int = 32) -> dict[str, list]:
+    """Default evaluation instances: up to ``n`` forget instances and ``n`` retain instances, evenly spread,
+    the retain ones preferably with perturbed answers (so truth ratios can be taken on them)."""
+    with_perturbed = [e for e in retain if example_field(e, "perturbed_answer", ())]
+    pool = with_perturbed if len(with_perturbed) >= n else list(retain)
+    return {"targeted": _spaced(forget, n), "non_targeted": _spaced(pool, n)}
+
+
+def _key(e) -> tuple[str, str]:
+    return example_field(e, "question"), example_field(e, "answer")
+
+
+class _Stream:
+    """An endless stream of batches: each epoch a fresh seeded permutation, every batch full-sized."""
+
+    def __init__(self, items: Sequence, batch_size: int, seed: int):
+        self.items = list(items)
+        self.batch_size = min(batch_size, len(self.items))
+        self.gen = torch.Generator().manual_seed(seed)
+        self.queue: list[int] = []
+
+    def next(self) -> list:
+        batch: list[int] = []
+        deferred: list[int] = []  # at an epoch boundary, an item already in this batch waits for the next
+        while len(batch) < self.batch_size:
+            if not self.queue:
+                self.queue = torch.randperm(len(self.items), generator=self.gen).tolist()
+            i = self.queue.pop(0)
+            (deferred if i in batch else batch).append(i)
+        self.queue = deferred + self.queue
+        return [self.items[i] for i in batch]
+
+
+def _optimizer(name: str, params, lr: float, weight_decay: float):
+    name = name.lower()
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; use 'sgd', 'adam' or 'adamw'")
+
+
+def _check_writable(out) -> Path:
+    path = Path(out)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".{path.name}.probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(f"cannot write results to {path}: {err.strerror or err}. Choose another path "
+                      "(nothing was trained).") from None
+    if path.exists() and path.is_dir():
+        raise OSError(f"cannot write results to {path}: it is a folder; give a file name such as run.nc")
+    return path
+
+
+class _Recorder:
+    """Per-step arrays, preallocated, turned into a Dataset on demand (for callbacks and at the end)."""
+
+    def __init__(self, n_rows: int, n_inst: int, n_layers: int, n_terms: int, width: int, n_samples: int,
+                 n_against: int, record: set[str], weights: bool):
+        nan = np.nan
+
+        def full(*shape):
+            return np.full(shape, nan)
+
+        self.steps: list[int] = []
+        self.data: dict[str, np.ndarray] = {
+            "risk": full(n_rows, n_inst), "objective_loss": full(n_rows), "term_loss": full(n_rows, n_terms),
+            "sample_loss": full(n_rows, n_samples), "learning_rate": full(n_rows)}
+        if "g_effect" in record:
+            self.data["g_effect"] = full(n_rows, n_inst, n_layers, n_terms)
+        if "g_effect_token" in record:
+            self.data["g_effect_token"] = full(n_rows, n_inst, width)
+        if "pg_effect" in record:
+            self.data["pg_effect"] = full(n_rows, n_samples, n_against)
+        if "update_effect" in record:
+            self.data["update_effect"] = full(n_rows, n_inst, n_layers)
+        if weights:
+            self.data["sample_weight"] = full(n_rows, n_samples)
+
+    def row(self, step: int) -> int:
+        self.steps.append(step)
+        return len(self.steps) - 1
+
+    def dataset(self, axes, token_count, attrs) -> xr.Dataset:
+        n = len(self.steps)
+        return make_dataset(axes, self.steps, {k: v[:n] for k, v in self.data.items()}, token_count, attrs)
+
+
+def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None = None, *,
+            forget: str | Sequence = DEFAULTS["forget"], retain: Sequence | None = None,
+            eval: Mapping[str, Sequence] | None = None, world=None, steps: int | None = None,  # noqa: A002
+            epochs: float | None = None, batch_size: int = DEFAULTS["batch_size"], lr: float = DEFAULTS["lr"],
+            optimizer: str = DEFAULTS["optimizer"], weight_decay: float = DEFAULTS["weight_decay"],
+            warmup: int = DEFAULTS["warmup"], seed: int = 0, record_every: int = DEFAULTS["record_every"],
+            record: Sequence[str] = RECORD_ALL, callback: Callable[[int, xr.Dataset], Any] | None = None,
+            inplace: bool = False, reference=None, refusals: Sequence[str] | None = None,
+            chunk_size: int | None = 32, save_every: int | None = None, out: str | os.PathLike | None = None,
+            progress: bool = True, template=None) -> xr.Dataset:
+    """Run an unlearning objective and record its G-effects step by step.
+
+    Parameters
+    ----------
+    objective, params:
+        As in :func:`geffect_lab.g_effect` (``"npo"``, ``"npo+gd"``, ``{"beta": 0.1}``, or objects).
+    forget, retain:
+        A forget split name of ``world`` (default the bundled world; ``retain`` then defaults to the matching
+        retain split), or lists of examples. Regularisers train on ``retain`` minus the evaluation instances.
+    eval:
+        ``{"targeted": [...], "non_targeted": [...]}``; ``None`` picks up to 32 of each, deterministically
+        (:func:`select_eval`), the non-targeted ones held out of training.
+    steps, epochs:
+        Length of the run (``epochs`` counts passes over the forget set; default 5 epochs).
+    batch_size, lr, optimizer, weight_decay, warmup, seed:
+        The optimisation (``"sgd"``, ``"adam"``, ``"adamw"``; linear warm-up over ``warmup`` steps, then a
+        constant rate; batches from seeded permutations).
+    record_every, record:
+        Measure every k-th step; which per-step variables (default all of :data:`RECORD_ALL`). ``risk``,
+        ``objective_loss`` and ``learning_rate`` are always recorded.
+    callback:
+        ``callback(step, partial_dataset)`` after each recorded step; returning ``False`` or ``"stop"`` stops
+        the run (the Dataset returned so far has ``attrs["complete"] = 0``), as does KeyboardInterrupt.
+    inplace:
+        Train the caller's model itself; by default a copy is trained and the caller's model is untouched.
+    reference:
+        The frozen reference for NPO-like terms: ``None`` is the model at step 0.
+    chunk_size, save_every, out:
+        Evaluation instances per pass; write the partial Dataset to ``out`` every ``save_every`` recorded
+        steps (atomically) and the whole one at the end.
+    """
+    record = set(record)
+    unknown = record - set(RECORD_ALL)
+    if unknown:
+        raise ValueError(f"cannot record {sorted(unknown)}; choose from {', '.join(RECORD_ALL)}")
+    if record_every < 1:
+        raise ValueError("record_every must be 1 or more")
+    out_path = _check_writable(out) if out is not None else None
+    if save_every is not None and out_path is None:
+        raise ValueError("save_every needs out= (the file to write the partial results to)")
+
+    # ---- data
+    split_name = forget if isinstance(forget, str) else "custom"
+    if isinstance(forget, str):
+        world = world if world is not None else load_world()
+        forget_examples = list(world.forget(forget))
+        retain = list(world.retain(forget)) if retain is None else list(retain)
+        refusals = refusals if refusals is not None else world.refusals
+    else:
+        forget_examples = list(forget)
+        retain = list(retain) if retain is not None else []
+    if not forget_examples:
+        raise ObjectiveError("the forget set is empty; give the examples to unlearn")
+    eval_sets = dict(eval) if eval is not None else select_eval(forget_examples, retain)
+    for name, items in eval_sets.items():
+        if not list(items):
+            raise ObjectiveError(f"the evaluation set {name!r} is empty; give at least one instance, or eval=None")
+    held_out = {_key(e) for items in eval_sets.values() for e in items}
+    train_retain = [e for e in retain if _key(e) not in held_out]
+
+    obj = resolve_objective(objective, params)
+    obj = Objective(resolve_layers(model, obj.terms))
+    roles = {t.spec.role for t in obj.terms}
+    if "retain" in roles and not train_retain:
+        raise ObjectiveError(f"the regularisers of {obj.name} need retain samples (after holding out the "
+                             "evaluation instances none are left): pass retain=[...]")
+    needs_alt = "alt" in obj.forget_term.spec.needs
+    if needs_alt and not refusals:
+        refusals = load_world().refusals
+    needs_ref = any(n.startswith("ref_") for t in obj.terms for n in t.spec.needs)
+
+    # ---- models
+    work = model if inplace else copy.deepcopy(model)
+    if reference is None and needs_ref:
+        reference = copy.deepcopy(model) if inplace else model  # the caller's untouched model is the reference
+    groups = layer_groups(work)
+    params_list = [p for p in {id(p): p for p in work.parameters()}.values() if p.requires_grad]
+    if not params_list:
+        raise ObjectiveError("no parameter of the model requires grad: nothing to unlearn")
+    opt = _optimizer(optimizer, params_list, lr, weight_decay)
+
+    # ---- schedule
+    n_steps = steps if steps is not None else math.ceil((epochs if epochs is not None else DEFAULTS["epochs"])
+                                                         * len(forget_examples) / min(batch_size,
+                                                                                      len(forget_examples)))
+    if n_steps < 1:
+        raise ValueError("the run has no steps: give steps >= 1 or epochs > 0")
+    record_steps = [t for t in range(n_steps) if t % record_every == 0]
+
+    def lr_at(t: int) -> float:
+        return lr * min(1.0, (t + 1) / warmup) if warmup else lr
+
+    forget_stream = _Stream(forget_examples, batch_size, seed)
+    retain_stream = _Stream(train_retain, batch_size, seed + 1) if "retain" in roles else None
+
+    # ---- the evaluation instances and the Dataset's axes
+    targets, ids, splits, examples, slices = prepare_targets(tokenizer, eval_sets, template)
+    token_count = (targets["labels"][:, 1:] != -100).sum(1).numpy()
+    width = max(int(token_count.max()), 1)
+    sample_ids = [example_id(e, i) for i, e in enumerate(forget_examples)]
+    sample_pos = {s: i for i, s in enumerate(sample_ids)}
+    answer_tokens = [row[row != -100].tolist() for row in targets["labels"][:, 1:]]
+    axes = make_axes(tokenizer, ids, splits, examples, groups, obj, sample_ids, list(slices), answer_tokens, width)
+    measuring = bool(record & {"g_effect", "g_effect_token", "pg_effect", "update_effect"})
+    rec = _Recorder(len(record_steps) + 1, len(ids), len(groups.names), len(obj.terms), width, len(sample_ids),
+                    len(slices), record, any(t.spec.weight is not None for t in obj.terms
+                                             if t.spec.role == "forget"))
+    config = {
+        "objective": obj.name, "objective_params": obj.params(), "forget": split_name, "steps": n_steps,
+        "epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
+        "weight_decay": weight_decay, "warmup": warmup, "seed": seed, "record_every": record_every,
+        "record": sorted(record), "chunk_size": chunk_size, "n_forget": len(forget_examples),
+        "n_retain_train": len(train_retain), "eval": {k: len(v) for k, v in eval_sets.items()},
+    }
+    attrs: dict[str, Any] = {
+        "objective": obj.name, "objective_params": obj.params(), "objective_repr": repr(obj),
+        "optimizer": optimizer, "learning_rate": lr, "weight_decay": weight_decay, "warmup": warmup,
+        "batch_size": batch_size, "steps": n_steps, "seed": seed, "forget_split": split_name,
+        "record_every": record_every, "engine": "fast", "package_version": __version__,
+        "reference": "initial model" if needs_ref else "none", "config": json.dumps(config, sort_keys=True),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **model_description(model), "complete": 0,
+    }
+
+    def snapshot() -> xr.Dataset:
+        return rec.dataset(axes, token_count, attrs)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n_steps, desc=f"unlearn {obj.name}", disable=not progress, unit="step")
+    stop_reason = ""
+    step = updates = 0
+    try:
+        for step in range(n_steps):
+            forget_batch = forget_stream.next()
+            sides = {"forget": encode_side(tokenizer, forget_batch, refusals=refusals, need_alt=needs_alt,
+                                           template=template)}
+            if retain_stream is not None:
+                sides["retain"] = encode_side(tokenizer, retain_stream.next(), template=template, role="retain")
+            if reference is not None:
+                with torch.no_grad(), eval_mode(reference):
+                    for term in obj.terms:
+                        reference_quantities(reference, sides[term.spec.role], term.spec.needs,
+                                             term.params.get("layer"))
+            try:
+                gradient = term_gradients(work, obj, sides, reference)
+            except ObjectiveError as err:
+                raise RunStopped(f"step {step}: {err}") from err
+            if not np.isfinite(gradient.term_loss).all():
+                bad = [n for n, v in zip(obj.term_names, gradient.term_loss) if not np.isfinite(v)]
+                raise RunStopped(f"step {step}: the loss of term {', '.join(bad)} is not finite")
+            rate = lr_at(step)
+            for group in opt.param_groups:
+                group["lr"] = rate
+            recorded = step in record_steps
+            total = gradient.total()
+            theta_t = [p.detach().clone() for p in params_list] if recorded and "update_effect" in record else None
+            for p in params_list:
+                p.grad = total.get(id(p), torch.zeros_like(p)).clone()
+            if theta_t is None and not recorded:
+                opt.step()
+                updates += 1
+                opt.zero_grad(set_to_none=True)
+                bar.update()
+                continue
+            extra = []
+            if theta_t is not None:
+                opt.step()  # θ_{t+1}; then measure at θ_t with the step's direction -Δθ/lr
+                updates += 1
+                direction = {id(p): (th - p.detach()) / rate for p, th in zip(params_list, theta_t)}
+                extra = [direction]
+                for p, th in zip(params_list, theta_t):  # swap θ_t back in for the measurement
+                    p.data, th.data = th.data, p.data
+            try:
+                effects = fast_effects(work, groups, obj, sides, reference, targets, ids, slices,
+                                       chunk_size=chunk_size, per_token="g_effect_token" in record,
+                                       pg="pg_effect" in record, gradient=gradient, extra=extra) if measuring \
+                    else None
+            finally:
+                if theta_t is not None:
+                    for p, th in zip(params_list, theta_t):
+                        p.data, th.data = th.data, p.data
+            if theta_t is None:
+                opt.step()
+                updates += 1
+            opt.zero_grad(set_to_none=True)
+            row = rec.row(step)
+            _store(rec, row, effects, gradient, rate, sides["forget"].ids, sample_pos, work, targets, chunk_size)
+            e_u, e_r = _headline(rec, row, splits)
+            bar.set_postfix(loss=f"{gradient.term_loss.sum():.4g}", e_u=f"{e_u:.3g}", e_r=f"{e_r:.3g}",
+                            refresh=False)
+            bar.update()
+            if save_every and len(rec.steps) % save_every == 0:
+                save(snapshot(), out_path)
+            if callback is not None:
+                answer = callback(step, snapshot())
+                if answer is False or answer == "stop":
+                    stop_reason = f"stopped by the callback after step {step}"
+                    break
+    except KeyboardInterrupt:
+        stop_reason = f"interrupted at step {step}"
+    except RunStopped as err:
+        if not rec.steps:
+            raise ObjectiveError(str(err)) from None
+        stop_reason = str(err)
+        warnings.warn(f"unlearning run stopped: {err}; the {len(rec.steps)} recorded step(s) are returned",
+                      RuntimeWarning, stacklevel=2)
+    finally:
+        bar.close()
+    # the risks after the last update
+    row = rec.row(updates)
+    rec.data["risk"][row] = _risks(work, targets, chunk_size)
+    attrs["complete"] = int(not stop_reason)
+    attrs["stop_reason"] = stop_reason
+    ds = snapshot()
+    if out_path is not None:
+        save(ds, out_path)
+    return ds
+
+
+def _risks(model, targets, chunk_size) -> np.ndarray:
+    from ._batching import chunks
+
+    out = []
+    with torch.no_grad(), eval_mode(model):
+        for _, part in chunks(targets, chunk_size):
+            risk, _, _ = risk_and_tokens(model, part)
+            out.append(risk.double().cpu().numpy())
+    return np.concatenate(out)
+
+
+def _store(rec: _Recorder, row: int, effects, gradient, rate, batch_ids, sample_pos, model, targets, chunk_size):
+    d = rec.data
+    d["learning_rate"][row] = rate
+    d["objective_loss"][row] = gradient.term_loss.sum()
+    d["term_loss"][row] = gradient.term_loss
+    cols = [sample_pos[s] for s in batch_ids]
+    d["sample_loss"][row, cols] = gradient.sample_loss
+    if "sample_weight" in d and gradient.sample_weight is not None:
+        d["sample_weight"][row, cols] = gradient.sample_weight
+    if effects is None:
+        d["risk"][row] = _risks(model, targets, chunk_size)
+        return
+    d["risk"][row] = effects.risk
+    if "g_effect" in d:
+        d["g_effect"][row] = effects.g_effect
+    if "g_effect_token" in d:
+        d["g_effect_token"][row] = effects.g_effect_token
+    if "pg_effect" in d and effects.pg_effect is not None:
+        d["pg_effect"][row, cols] = effects.pg_effect
+    if "update_effect" in d and effects.extra is not None:
+        d["update_effect"][row] = effects.extra[..., 0]
+
+
+def _headline(rec: _Recorder, row: int, splits: Sequence[str]) -> tuple[float, float]:
+    if "g_effect" not in rec.data:
+        return float("nan"), float("nan")
+    e = np.nansum(rec.data["g_effect"][row], axis=(1, 2))
+    split = np.asarray(splits)
+    e_u = float(e[split == "targeted"].mean()) if (split == "targeted").any() else float("nan")
+    e_r = float(e[split == "non_targeted"].mean()) if (split == "non_targeted").any() else float("nan")
+    return e_u, e_r
+
+
+assert set(DIMS) >= set(RECORD_ALL)
