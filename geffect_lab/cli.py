@@ -1,15 +1,22 @@
 """The ``geffect-lab`` command line.
 
-    geffect-lab demo                 a first result on the bundled world
-    geffect-lab world [PATH]         the splits of the bundled world (or of real TOFU files at PATH)
-    geffect-lab zoo list|build       the tiny offline models
+    geffect-lab run --objective npo --param beta=0.1 --forget forget05 --steps 30 -o results/npo.nc
+    geffect-lab info results/npo.nc              schema, configuration and a summary table
+    geffect-lab compare results/ga.nc results/npo.nc
+    geffect-lab objectives                       the registered objectives and their parameters
+    geffect-lab demo                             GA, NPO and WGA on the bundled world, into results/
+    geffect-lab world [PATH]                     the splits of the bundled world (or of real TOFU files)
+    geffect-lab zoo list|build                   the tiny offline models
 
-Run ``geffect-lab COMMAND --help`` for each command's options.
+``--import mymodule`` (before or after the command) imports a module first, so the objectives it registers
+with ``@geffect_lab.objective`` are offered like the built-ins. Run ``geffect-lab COMMAND --help`` for each
+command's options.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -17,7 +24,97 @@ from pathlib import Path
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(out_dir=Path(args.out))
+    run_demo(out_dir=Path(args.out), steps=args.steps)
+    return 0
+
+
+def _parse_params(pairs: list[str]) -> dict[str, str]:
+    params = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ValueError(f"--param takes NAME=VALUE (e.g. beta=0.1), got {pair!r}")
+        key, value = pair.split("=", 1)
+        params[key.strip()] = value.strip()
+    return params
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from . import zoo
+    from .data import load_world
+    from .objectives import resolve_objective
+    from .results import summarize
+    from .runs import unlearn
+
+    params = _parse_params(args.param)
+    resolve_objective(args.objective, params)  # fail on a bad objective or parameter before loading anything
+    world = load_world(args.world) if args.world else None
+    model, tok = zoo.load(args.model)
+    record = [r.strip() for r in args.record.split(",") if r.strip()] if args.record is not None else None
+    kwargs = dict(objective=args.objective, params=params, forget=args.forget, world=world, lr=args.lr,
+                  optimizer=args.optimizer, batch_size=args.batch_size, seed=args.seed,
+                  record_every=args.record_every, out=args.output, steps=args.steps, epochs=args.epochs,
+                  weight_decay=args.weight_decay, warmup=args.warmup)
+    if record is not None:
+        kwargs["record"] = record
+    ds = unlearn(model, tok, **kwargs)
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print(summarize({ds.attrs["objective"]: ds}).to_string(float_format=lambda x: f"{x:.4g}"))
+    print(f"\nwritten to {args.output}" if args.output else "")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import json
+
+    import pandas as pd
+
+    from .results import load, summarize
+
+    ds = load(args.path)
+    print(f"{args.path}: geffect-lab results, schema version {ds.attrs.get('schema_version')}, "
+          f"{'complete' if int(ds.attrs.get('complete', 1)) else 'INCOMPLETE: ' + str(ds.attrs.get('stop_reason'))}")
+    print("dims: " + ", ".join(f"{k}={v}" for k, v in ds.sizes.items()))
+    print("variables: " + ", ".join(ds.data_vars))
+    config = ds.attrs.get("config")
+    if config:
+        print("configuration:")
+        for key, value in sorted(json.loads(config).items()):
+            print(f"  {key}: {value}")
+    print(f"model: {ds.attrs.get('model_name')} ({ds.attrs.get('model_parameters')} parameters, "
+          f"{ds.attrs.get('model_dtype')})")
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print(summarize({ds.attrs.get("objective", "run"): ds}).to_string(float_format=lambda x: f"{x:.4g}"))
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from .results import load, summarize
+
+    runs = {}
+    for path in args.paths:
+        ds = load(path)
+        name = str(ds.attrs.get("objective", Path(path).stem))
+        runs[name if name not in runs else f"{name} ({Path(path).name})"] = ds
+    table = summarize(runs)
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print(table.to_string(float_format=lambda x: f"{x:.4g}"))
+    if args.csv:
+        table.to_csv(args.csv)
+        print(f"\nwritten to {args.csv}")
+    return 0
+
+
+def _cmd_objectives(args: argparse.Namespace) -> int:
+    from .objectives import get_objective, list_objectives
+
+    for name in list_objectives():
+        spec = get_objective(name)
+        params = ", ".join(f"{k}={v!r}" for k, v in spec.defaults.items()) or "-"
+        print(f"{name:10s} {spec.role:7s} {params:45s} {spec.description}")
     return 0
 
 
@@ -50,18 +147,85 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .objectives import get_objective, list_objectives
+    from .runs import DEFAULTS, RECORD_ALL
+
+    forget_objs = list_objectives("forget")
+    regs = list_objectives("retain")
     parser = argparse.ArgumentParser(
         prog="geffect-lab",
         description="Exact G-effects of LLM unlearning objectives (Wang et al., ICLR 2025), per instance, "
                     "layer, token and step, on the bundled offline world or on real TOFU data.",
+        epilog="--import MODULE (repeatable) imports your module first, so that the objectives it registers "
+               "with @geffect_lab.objective can be named like the built-ins.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import a module that registers objectives (repeatable)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="a first result on the bundled world, written to results/",
-                       description="Load the bundled world and the 'target' zoo model, print a table of the "
-                                   "splits with the model's greedy exact-match on each, and write it to "
-                                   "OUT/demo_exact_match.csv.")
+    lines = "\n".join(f"  {n:9s} {', '.join(f'{k}={v!r}' for k, v in get_objective(n).defaults.items()) or '-':40s}"
+                      f" {get_objective(n).description}" for n in forget_objs + regs)
+    p = sub.add_parser(
+        "run", help="run an unlearning objective and record its G-effects step by step",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Unlearn a forget split with an objective, recording at every step (before the update) "
+                    "the G-effects on 32 targeted (forget) and 32 held-out non-targeted (retain) instances: "
+                    "per instance x layer x term, per answer token, per objective sample (PG-effect), and the "
+                    "optimiser's actual step (update effect). Sign: dR ~ -lr * g_effect, so a negative "
+                    "unlearning G-effect means the forget risk rises.",
+        epilog=f"objectives (forget terms, then regularisers for '+'):\n{lines}\n\n"
+               "examples:\n  geffect-lab run --objective npo --param beta=0.1 --steps 30 -o results/npo.nc\n"
+               "  geffect-lab run --objective 'npo+0.5*gd' -o results/npo_gd.nc\n"
+               "  geffect-lab --import my_objectives run --objective mine -o results/mine.nc")
+    p.add_argument("--objective", "-O", required=True, metavar="NAME",
+                   help=f"a registered objective ({', '.join(forget_objs)}), optionally plus regularisers "
+                        f"({', '.join(regs)}), e.g. npo+gd or npo+0.5*kl")
+    p.add_argument("--param", "-p", action="append", metavar="NAME=VALUE",
+                   help="an objective parameter (repeatable): beta=0.1, or gd.weight=0.5 in a composite")
+    p.add_argument("--forget", default=DEFAULTS["forget"], choices=["forget01", "forget05", "forget10"],
+                   help="forget split (default %(default)s; its matching retain split feeds regularisers)")
+    p.add_argument("--model", default="target", help="zoo name or checkpoint folder (default %(default)s)")
+    p.add_argument("--world", default=None, help="folder of TOFU files (default: the bundled world)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=None, help="number of updates")
+    length.add_argument("--epochs", type=float, default=None,
+                        help=f"passes over the forget split (default {DEFAULTS['epochs']})")
+    p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="learning rate (default %(default)s)")
+    p.add_argument("--optimizer", default=DEFAULTS["optimizer"], choices=["sgd", "adam", "adamw"],
+                   help="default %(default)s; under sgd the update effect equals the G-effect")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="default %(default)s")
+    p.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"], help="default %(default)s")
+    p.add_argument("--warmup", type=int, default=DEFAULTS["warmup"], help="warm-up steps (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--record-every", type=int, default=DEFAULTS["record_every"],
+                   help="measure every k-th step (default %(default)s)")
+    p.add_argument("--record", default=None,
+                   help=f"comma-separated subset of {','.join(RECORD_ALL)} (default: all); '' records risks only")
+    p.add_argument("-o", "--output", default=None, help="netCDF file to write (e.g. results/npo.nc)")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("info", help="schema, configuration and a summary of a results file",
+                       description="Print a results file's schema version, dims, configuration and a summary "
+                                   "table (mean unlearning / retaining G-effect, start and end risks).")
+    p.add_argument("path")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("compare", help="a summary table per objective for several results files",
+                       description="One row per results file: mean e_u and e_r over the recorded steps, "
+                                   "|e_r|/|e_u| (collateral damage per unit of forgetting: lower is better), "
+                                   "and the forget / retain risk at the start and the end.")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--csv", default=None, help="also write the table to this CSV file")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("objectives", help="list the registered objectives and their parameters")
+    p.set_defaults(func=_cmd_objectives)
+
+    p = sub.add_parser("demo", help="GA, NPO and WGA on the bundled world, written to results/",
+                       description="Run GA, NPO and WGA on forget05 with the 'target' zoo model for a short "
+                                   "run, write results/<objective>.nc and print a summary table.")
     p.add_argument("--out", default="results", help="folder for the result files (default: results)")
+    p.add_argument("--steps", type=int, default=15, help="updates per objective (default %(default)s)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("world", help="list the splits of a world",
@@ -81,12 +245,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _preimport(argv: list[str]) -> None:
+    """Import ``--import`` modules before the parser is built, so their objectives are choices."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--import", dest="imports", action="append", default=[])
+    known, _ = pre.parse_known_args(argv)
+    if known.imports:
+        import os
+
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        importlib.invalidate_caches()
+    for module in known.imports:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise SystemExit(f"geffect-lab: error: --import {module}: {err}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _preimport(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (KeyError, ValueError, FileNotFoundError) as err:
+    except (KeyError, ValueError, FileNotFoundError, OSError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"geffect-lab: error: {msg}", file=sys.stderr)
         return 2

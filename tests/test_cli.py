@@ -7,7 +7,9 @@ import subprocess
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
+import geffect_lab as gl
 from geffect_lab.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,12 +27,72 @@ def test_zoo_list(capsys):
     assert all(n in out for n in ("target", "retain_forget05", "target-gpt2")) and "not built" not in out
 
 
-def test_demo_writes_the_exact_match_table(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path)]) == 0
-    table = pd.read_csv(tmp_path / "demo_exact_match.csv", index_col="split")
-    assert {"forget05", "retain95", "world_facts"} <= set(table.index)
-    assert (table["exact_match"] >= 0.95).all()
-    assert "exact_match" in capsys.readouterr().out
+def test_demo_runs_ga_npo_wga_and_writes_results(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--steps", "3"]) == 0
+    for name in ("ga", "npo", "wga"):
+        ds = gl.load(tmp_path / f"{name}.nc")
+        assert ds.attrs["objective"] == name and ds.sizes["step"] == 4
+    table = pd.read_csv(tmp_path / "demo_summary.csv", index_col="run")
+    assert list(table.index) == ["ga", "npo", "wga"] and (table["mean_e_u"] < 0).all()
+    out = capsys.readouterr().out
+    assert "mean_e_u" in out and "forget_risk_end" in out
+
+
+def test_run_info_compare(tmp_path, capsys):
+    a, b = tmp_path / "npo.nc", tmp_path / "ga.nc"
+    assert main(["run", "--objective", "npo", "--param", "beta=0.2", "--steps", "2", "--record", "g_effect",
+                 "-o", str(a)]) == 0
+    assert main(["run", "-O", "ga", "--steps", "2", "--record", "", "-o", str(b)]) == 0
+    ds = gl.load(a)
+    assert ds.attrs["objective"] == "npo" and '"npo.beta": 0.2' in ds.attrs["objective_params"]
+    assert "g_effect" in ds and "g_effect" not in gl.load(b)
+    capsys.readouterr()
+    assert main(["info", str(a)]) == 0
+    out = capsys.readouterr().out
+    assert "schema version 1" in out and "optimizer: adamw" in out and "mean_e_u" in out
+    assert main(["compare", str(a), str(b), "--csv", str(tmp_path / "cmp.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "npo" in out and "ga" in out
+    assert list(pd.read_csv(tmp_path / "cmp.csv", index_col="run").index) == ["npo", "ga"]
+
+
+def test_run_errors_name_the_valid_choices(capsys):
+    assert main(["run", "--objective", "nop", "--steps", "1"]) == 2
+    assert "registered objectives are: ga, wga" in capsys.readouterr().err
+    assert main(["run", "--objective", "npo", "--param", "gamma=1", "--steps", "1"]) == 2
+    assert "its parameters are: beta=0.1" in capsys.readouterr().err
+    assert main(["run", "--objective", "ga", "--steps", "1", "-o", "/proc/nope/x.nc"]) == 2
+    assert "cannot write results" in capsys.readouterr().err
+
+
+USER_MODULE = '''import geffect_lab as gl
+
+
+@gl.objective("cli_scaled_ga")
+def scaled(x, scale: float = 2.0):
+    """GA times a constant."""
+    return -scale * x.mean(x.nll)
+'''
+
+
+def test_import_brings_user_objectives_to_the_cli(tmp_path, monkeypatch, capsys):
+    (tmp_path / "my_objectives.py").write_text(USER_MODULE)
+    monkeypatch.chdir(tmp_path)
+    try:
+        assert main(["--import", "my_objectives", "objectives"]) == 0
+        assert "cli_scaled_ga" in capsys.readouterr().out
+        assert main(["--import", "my_objectives", "run", "--objective", "cli_scaled_ga", "--param", "scale=3",
+                     "--steps", "1", "--record", "g_effect", "-o", "out.nc"]) == 0
+        assert gl.load(tmp_path / "out.nc").attrs["objective"] == "cli_scaled_ga"
+    finally:
+        gl.objectives.registry._REGISTRY.pop("cli_scaled_ga", None)
+
+
+def test_help_texts_teach(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    assert "dR ~ -lr * g_effect" in out and "npo+0.5*kl" in out and "beta=0.1" in out
 
 
 def test_bad_input_is_one_clear_line(capsys):
