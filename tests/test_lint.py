@@ -16,7 +16,7 @@ UI = {"ipywidgets", "seaborn", "IPython"}
 def test_ruff_is_clean():
     ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
     assert ruff, "ruff is a dev dependency: pip install -e '.[dev]'"
-    targets = [p for p in ("geffect_lab", "tests", "data", "benchmarks") if (ROOT / p).exists()]
+    targets = [p for p in ("geffect_lab", "tests", "data", "benchmarks", "docs") if (ROOT / p).exists()]
     result = subprocess.run([ruff, "check", *targets], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
