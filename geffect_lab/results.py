@@ -41,6 +41,25 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "sample_weight": ("objective weight", "the forget term's per-sample gradient weight relative to plain ascent "
                                           "(NPO: 2 p^beta / (p^beta + p_o^beta); 1 means GA-like)."),
     "learning_rate": ("learning rate", "the optimiser's learning rate at the step (after warm-up)."),
+    # TOFU metrics (geffect_lab.metrics)
+    "probability": ("probability", "exp(-mean token NLL) of the answer (TOFU's normalised probability); on sets "
+                                   "without paraphrases, normalised over the answer and its perturbed answers."),
+    "truth_ratio": ("truth ratio", "R = P_perturbed / P_paraphrased = exp(NLL(paraphrase) - mean NLL(perturbed))."),
+    "truth_ratio_score": ("truth-ratio score", "min(R, 1/R) on the forget set, max(0, 1 - R) elsewhere."),
+    "rouge_l": ("ROUGE-L recall", "ROUGE-L recall of the greedy answer against the reference answer."),
+    "exact_memorization": ("exact memorisation", "share of answer tokens predicted by the argmax (teacher "
+                                                 "forcing)."),
+    "extraction_strength": ("extraction strength", "1 - k*/|a|, k* the shortest answer prefix from which greedy "
+                                                   "decoding reproduces the rest exactly."),
+    "extraction_strength_similar": ("extraction strength (similar)", "as extraction_strength, the rest counted "
+                                                                     "as reproduced at ROUGE-L recall >= threshold."),
+    "generated_text": ("generated answer", "the greedy answer to the question."),
+    "generation_truncated": ("generation truncated", "1 where greedy generation hit the length bound."),
+    "forget_quality": ("forget quality", "KS-test p-value between the forget-set truth ratios of the model and "
+                                         "of the retain model (1: indistinguishable)."),
+    "log10_forget_quality": ("log10 forget quality", "log10 of the forget quality."),
+    "model_utility": ("model utility", "harmonic mean of probability, ROUGE-L and truth-ratio score on the "
+                                       "retain and general-knowledge sets."),
 }
 
 
@@ -116,6 +135,9 @@ DIMS: dict[str, tuple[str, ...]] = {
     "sample_loss": ("step", "sample"),
     "sample_weight": ("step", "sample"),
     "learning_rate": ("step",),
+    **{name: ("step", "instance") for name in ("probability", "truth_ratio", "truth_ratio_score", "rouge_l",
+                                               "exact_memorization", "extraction_strength", "generated_text")},
+    **{name: ("step",) for name in ("forget_quality", "log10_forget_quality", "model_utility")},
 }
 
 
