@@ -126,11 +126,74 @@ def _check_writable(out) -> Path:
     return path
 
 
+def _retain_reference(retain_model, retain_reference, world, forget, tokenizer):
+    """The reference for forget quality: given, or the zoo's retain model for a bundled-world split."""
+    from .metrics import RetainReference
+
+    if retain_reference is not None:
+        return RetainReference(retain_reference)
+    if isinstance(retain_model, str) and retain_model == "auto":
+        if not (isinstance(forget, str) and world is not None and world.name == "bundled"):
+            return None
+        from . import zoo
+
+        model, tok = zoo.load(f"retain_{forget}")
+        if tok.get_vocab() != tokenizer.get_vocab():
+            return None  # another model family: no automatic reference
+        return RetainReference((model, tok))
+    if retain_model is None:
+        return None
+    return retain_model if isinstance(retain_model, RetainReference) else RetainReference(retain_model)
+
+
+class _Evaluator:
+    """TOFU's metrics on a run's evaluation instances, forget quality and model utility, at one θ."""
+
+    def __init__(self, tokenizer, eval_sets, forget_examples, reference, general, template, max_new_tokens):
+        self.tokenizer = tokenizer
+        self.eval_sets = eval_sets
+        self.fq_examples = [e for e in forget_examples if example_field(e, "perturbed_answer", ())]
+        self.reference = reference
+        self.general = general
+        self.template = template
+        self.max_new_tokens = max_new_tokens
+
+    def __call__(self, model) -> dict:
+        with warnings.catch_warnings():  # an unlearned model babbles: cut generations are expected here
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return self._measure(model)
+
+    def _measure(self, model) -> dict:
+        from .metrics import forget_quality, instance_metrics, model_utility, truth_ratio, utility_values
+
+        per_set = {name: instance_metrics(model, self.tokenizer, items, forget=name == "targeted",
+                                          max_new_tokens=self.max_new_tokens, template=self.template,
+                                          split_name=name)
+                   for name, items in self.eval_sets.items()}
+        out = {name: np.concatenate([np.asarray(m[name], dtype=object if name == "generated_text" else None)
+                                     for m in per_set.values()])
+               for name in ("probability", "truth_ratio", "truth_ratio_score", "rouge_l", "exact_memorization",
+                            "extraction_strength", "generated_text")}
+        fq = np.nan
+        if self.reference is not None and self.fq_examples:
+            ours = truth_ratio(model, self.tokenizer, self.fq_examples, template=self.template, split_name="forget")
+            fq = forget_quality(ours, self.reference.truth_ratios(self.fq_examples, self.tokenizer))
+        out["forget_quality"] = fq
+        out["log10_forget_quality"] = np.log10(fq) if fq > 0 else (-np.inf if fq == 0 else np.nan)
+        utility_sets = {k: v for k, v in per_set.items() if k != "targeted"}
+        utility_sets.update({name: instance_metrics(model, self.tokenizer, items, forget=False, general=True,
+                                                    max_new_tokens=self.max_new_tokens, template=self.template,
+                                                    split_name=name)
+                             for name, items in self.general.items()})
+        out["model_utility"] = model_utility(utility_values(utility_sets))
+        return out
+
+
 class _Recorder:
     """Per-step arrays, preallocated, turned into a Dataset on demand (for callbacks and at the end)."""
 
     def __init__(self, n_rows: int, n_inst: int, n_layers: int, n_terms: int, width: int, n_samples: int,
-                 n_against: int, record: set[str], weights: bool):
+                 n_against: int, record: set[str], weights: bool, metrics: bool = False):
         nan = np.nan
 
         def full(*shape):
@@ -150,6 +213,13 @@ class _Recorder:
             self.data["update_effect"] = full(n_rows, n_inst, n_layers)
         if weights:
             self.data["sample_weight"] = full(n_rows, n_samples)
+        if metrics:
+            for name in ("probability", "truth_ratio", "truth_ratio_score", "rouge_l", "exact_memorization",
+                         "extraction_strength"):
+                self.data[name] = full(n_rows, n_inst)
+            self.data["generated_text"] = np.full((n_rows, n_inst), "", dtype=object)
+            for name in ("forget_quality", "log10_forget_quality", "model_utility"):
+                self.data[name] = full(n_rows)
 
     def row(self, step: int) -> int:
         self.steps.append(step)
@@ -169,7 +239,8 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
             record: Sequence[str] = RECORD_ALL, callback: Callable[[int, xr.Dataset], Any] | None = None,
             inplace: bool = False, reference=None, refusals: Sequence[str] | None = None,
             chunk_size: int | None = 32, save_every: int | None = None, out: str | os.PathLike | None = None,
-            progress: bool = True, template=None) -> xr.Dataset:
+            progress: bool = True, template=None, eval_every: int | None = None, retain_model="auto",
+            retain_reference=None, max_new_tokens: int | None = None) -> xr.Dataset:
     """Run an unlearning objective and record its G-effects step by step.
 
     Parameters
@@ -200,6 +271,14 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
     chunk_size, save_every, out:
         Evaluation instances per pass; write the partial Dataset to ``out`` every ``save_every`` recorded
         steps (atomically) and the whole one at the end.
+    eval_every, retain_model, retain_reference, max_new_tokens:
+        Every ``eval_every`` steps (and after the last update) record TOFU's metrics (:mod:`geffect_lab.metrics`)
+        at θ_t: per evaluation instance ``probability``, ``truth_ratio``, ``truth_ratio_score``, ``rouge_l``,
+        ``exact_memorization``, ``extraction_strength``, ``generated_text`` [step, instance], and
+        ``forget_quality`` (over the whole forget set, against ``retain_model`` or a TOFU
+        ``retain_reference`` log; ``"auto"`` takes the zoo's matching retain model on the bundled world),
+        ``log10_forget_quality`` and ``model_utility`` (non-targeted instances and the world's general
+        sets) [step].
     """
     record = set(record)
     unknown = record - set(RECORD_ALL)
@@ -257,7 +336,11 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
                                                                                       len(forget_examples)))
     if n_steps < 1:
         raise ValueError("the run has no steps: give steps >= 1 or epochs > 0")
-    record_steps = [t for t in range(n_steps) if t % record_every == 0]
+    record_set = {t for t in range(n_steps) if t % record_every == 0}
+    if eval_every is not None and eval_every < 1:
+        raise ValueError("eval_every must be 1 or more (or None: no metrics along the run)")
+    eval_set = {t for t in range(n_steps) if t % eval_every == 0} if eval_every else set()
+    n_rows = len(record_set | eval_set) + 1
 
     def lr_at(t: int) -> float:
         return lr * min(1.0, (t + 1) / warmup) if warmup else lr
@@ -274,14 +357,21 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
     answer_tokens = [row[row != -100].tolist() for row in targets["labels"][:, 1:]]
     axes = make_axes(tokenizer, ids, splits, examples, groups, obj, sample_ids, list(slices), answer_tokens, width)
     measuring = bool(record & {"g_effect", "g_effect_token", "pg_effect", "update_effect"})
-    rec = _Recorder(len(record_steps) + 1, len(ids), len(groups.names), len(obj.terms), width, len(sample_ids),
+    rec = _Recorder(n_rows, len(ids), len(groups.names), len(obj.terms), width, len(sample_ids),
                     len(slices), record, any(t.spec.weight is not None for t in obj.terms
-                                             if t.spec.role == "forget"))
+                                             if t.spec.role == "forget"), metrics=bool(eval_every))
+    evaluator = None
+    if eval_every:
+        general = {name: list(world[name]) for name in ("real_authors", "world_facts")
+                   if world is not None and name in world}
+        evaluator = _Evaluator(tokenizer, eval_sets, forget_examples, _retain_reference(
+            retain_model, retain_reference, world, forget, tokenizer), general, template, max_new_tokens)
     config = {
         "objective": obj.name, "objective_params": obj.params(), "forget": split_name, "steps": n_steps,
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
         "weight_decay": weight_decay, "warmup": warmup, "seed": seed, "record_every": record_every,
         "record": sorted(record), "chunk_size": chunk_size, "n_forget": len(forget_examples),
+        "eval_every": eval_every,
         "n_retain_train": len(train_retain), "eval": {k: len(v) for k, v in eval_sets.items()},
     }
     attrs: dict[str, Any] = {
@@ -303,6 +393,10 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
     step = updates = 0
     try:
         for step in range(n_steps):
+            recorded = step in record_set
+            has_row = recorded or step in eval_set
+            # the metrics at θ_t, before anything of this step touches the model
+            metrics = evaluator(work) if evaluator is not None and step in eval_set else None
             forget_batch = forget_stream.next()
             sides = {"forget": encode_side(tokenizer, forget_batch, refusals=refusals, need_alt=needs_alt,
                                            template=template)}
@@ -323,17 +417,17 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
             rate = lr_at(step)
             for group in opt.param_groups:
                 group["lr"] = rate
-            recorded = step in record_steps
             total = gradient.total()
-            theta_t = [p.detach().clone() for p in params_list] if recorded and "update_effect" in record else None
             for p in params_list:
                 p.grad = total.get(id(p), torch.zeros_like(p)).clone()
-            if theta_t is None and not recorded:
+            if not has_row:
                 opt.step()
                 updates += 1
                 opt.zero_grad(set_to_none=True)
                 bar.update()
                 continue
+            measure = recorded and measuring
+            theta_t = [p.detach().clone() for p in params_list] if measure and "update_effect" in record else None
             extra = []
             if theta_t is not None:
                 opt.step()  # θ_{t+1}; then measure at θ_t with the step's direction -Δθ/lr
@@ -345,8 +439,9 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
             try:
                 effects = fast_effects(work, groups, obj, sides, reference, targets, ids, slices,
                                        chunk_size=chunk_size, per_token="g_effect_token" in record,
-                                       pg="pg_effect" in record, gradient=gradient, extra=extra) if measuring \
+                                       pg="pg_effect" in record, gradient=gradient, extra=extra) if measure \
                     else None
+                risks = effects.risk if effects is not None else _risks(work, targets, chunk_size)
             finally:
                 if theta_t is not None:
                     for p, th in zip(params_list, theta_t):
@@ -356,7 +451,9 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
                 updates += 1
             opt.zero_grad(set_to_none=True)
             row = rec.row(step)
-            _store(rec, row, effects, gradient, rate, sides["forget"].ids, sample_pos, work, targets, chunk_size)
+            _store(rec, row, effects, risks, gradient, rate, sides["forget"].ids, sample_pos)
+            if metrics is not None:
+                _store_metrics(rec, row, metrics)
             e_u, e_r = _headline(rec, row, splits)
             bar.set_postfix(loss=f"{gradient.term_loss.sum():.4g}", e_u=f"{e_u:.3g}", e_r=f"{e_r:.3g}",
                             refresh=False)
@@ -378,9 +475,11 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
                       RuntimeWarning, stacklevel=2)
     finally:
         bar.close()
-    # the risks after the last update
+    # the state after the last update: risks, and the metrics when they are tracked
     row = rec.row(updates)
     rec.data["risk"][row] = _risks(work, targets, chunk_size)
+    if evaluator is not None:
+        _store_metrics(rec, row, evaluator(work))
     attrs["complete"] = int(not stop_reason)
     attrs["stop_reason"] = stop_reason
     ds = snapshot()
@@ -400,19 +499,18 @@ def _risks(model, targets, chunk_size) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _store(rec: _Recorder, row: int, effects, gradient, rate, batch_ids, sample_pos, model, targets, chunk_size):
+def _store(rec: _Recorder, row: int, effects, risks, gradient, rate, batch_ids, sample_pos):
     d = rec.data
     d["learning_rate"][row] = rate
     d["objective_loss"][row] = gradient.term_loss.sum()
     d["term_loss"][row] = gradient.term_loss
+    d["risk"][row] = risks
     cols = [sample_pos[s] for s in batch_ids]
     d["sample_loss"][row, cols] = gradient.sample_loss
     if "sample_weight" in d and gradient.sample_weight is not None:
         d["sample_weight"][row, cols] = gradient.sample_weight
     if effects is None:
-        d["risk"][row] = _risks(model, targets, chunk_size)
         return
-    d["risk"][row] = effects.risk
     if "g_effect" in d:
         d["g_effect"][row] = effects.g_effect
     if "g_effect_token" in d:
@@ -421,6 +519,12 @@ def _store(rec: _Recorder, row: int, effects, gradient, rate, batch_ids, sample_
         d["pg_effect"][row, cols] = effects.pg_effect
     if "update_effect" in d and effects.extra is not None:
         d["update_effect"][row] = effects.extra[..., 0]
+
+
+def _store_metrics(rec: _Recorder, row: int, metrics: dict):
+    for name, values in metrics.items():
+        if name in rec.data:
+            rec.data[name][row] = values
 
 
 def _headline(rec: _Recorder, row: int, splits: Sequence[str]) -> tuple[float, float]:
