@@ -17,3 +17,15 @@ def test_bench_engine_runs_on_the_zoo_model():
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "fast (layers)" in out.stdout and "faster than the reference loop" in out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script,args,expect", [
+    ("bench_run.py", ["--repeats", "1", "--steps", "2"], "g_effect, every 2"),
+    ("bench_metrics.py", ["--repeats", "1"], "with them cached"),
+])
+def test_other_benchmarks_run(script, args, expect):
+    out = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert expect in out.stdout
