@@ -15,3 +15,14 @@ from .runs import unlearn  # noqa: E402
 __all__ = ["__version__", "zoo", "objectives", "runs", "metrics", "testing", "evaluate", "read_open_unlearning",
            "load_world", "encode", "Example", "World", "g_effect", "layer_groups", "get_objective",
            "list_objectives", "objective", "unlearn", "save", "load", "combine"]
+
+
+def __getattr__(name: str):
+    """Front-end pieces load on first use, so the kernel side never imports ipywidgets or seaborn."""
+    import importlib
+
+    if name in ("plots", "widgets", "attribution"):
+        return importlib.import_module(f".{name}", __name__)
+    if name == "Dashboard":
+        return importlib.import_module(".widgets", __name__).Dashboard
+    raise AttributeError(f"module 'geffect_lab' has no attribute {name!r}")

@@ -41,3 +41,17 @@ def target():
 @pytest.fixture(scope="session")
 def target_gpt2():
     return gl.zoo.load("target-gpt2")
+
+
+@pytest.fixture(scope="session")
+def short_runs(target, world, tmp_path_factory):
+    """Three short recorded runs (GA, NPO+GD, WGA) on 8 + 8 instances, with metrics, saved to disk."""
+    model, tok = target
+    ev = {"targeted": world["forget05"][::6][:8], "non_targeted": world["retain_perturbed"][::25][:8]}
+    folder = tmp_path_factory.mktemp("runs")
+    runs = {}
+    for name in ("ga", "npo+gd", "wga"):
+        ds = gl.unlearn(model, tok, name, world=world, eval=ev, steps=4, lr=1e-3, eval_every=2, progress=False)
+        gl.save(ds, folder / f"{name.replace('+', '_')}.nc")
+        runs[name] = ds
+    return runs, folder
