@@ -1,0 +1,105 @@
+"""gl.Dashboard, driven programmatically: set values, click, and check the figure shows the selection."""
+
+from __future__ import annotations
+
+import geffect_lab as gl
+from geffect_lab import plots
+
+
+def test_explore_tab_follows_the_controls(short_runs):
+    runs, folder = short_runs
+    dash = gl.Dashboard(runs={"ga": runs["ga"], "npo+gd": runs["npo+gd"]})
+    assert dash.tabs.selected_index == 1 and dash.selection["view"] == "curves"
+    assert dash.explore_image.value[:4] == b"\x89PNG"
+    first = dash.explore_image.value
+    dash.explore_run.value = "npo+gd"
+    assert dash.selection["run"] == "npo+gd" and dash.figure._suptitle.get_text().startswith("npo+gd")
+    dash.view.value = "heatmap"
+    dash.split.value = "non_targeted"
+    assert "retaining" in dash.figure.axes[0].get_title()
+    assert dash.explore_image.value != first
+    dash.view.value = "tokens"
+    inst = dash.instance.options[2]
+    dash.instance.value = inst
+    dash.step.value = 2
+    assert dash.selection["instance"] == inst and dash.selection["step"] == 2
+    assert dash.figure.axes[0].get_title(loc="left").startswith(f"{inst} · step 2")
+    assert str(runs["npo+gd"].question.sel(instance=inst).values) in dash.instance_text.value
+    dash.view.value = "curves"
+    dash.granularity.value = "fine"
+    dash.layers.value = ("embed", "layers.1")
+    labels = {line.get_label() for line in dash.figure.axes[0].get_lines() if not line.get_label().startswith("_")}
+    assert labels == {"total", "embed", "layers.1"}
+    dash.cumulative.value = True
+    assert dash.selection["cumulative"] and "cumulative" in dash.figure._suptitle.get_text()
+    dash.view.value = "metrics"
+    assert any("model utility" in ax.get_title() for ax in dash.figure.axes)
+    assert not dash.log.outputs
+
+
+def test_load_compare_and_errors_in_the_log(short_runs):
+    runs, folder = short_runs
+    dash = gl.Dashboard()
+    name = dash.load_file(str(folder / "wga.nc"))
+    dash.load_path.value = str(folder / "ga.nc")
+    dash.load_button.click()
+    assert set(dash.runs) == {name, "ga"} and dash.explore_run.value == "ga"
+    dash.compare_runs.value = (name, "ga")
+    dash.compare_kind.value = "facet"
+    dash.compare_button.click()
+    assert dash.compare_figure is not None and len(dash.compare_figure.axes) == 4
+    assert dash.compare_image.value[:4] == b"\x89PNG"
+    dash.load_path.value = str(folder / "missing.nc")
+    dash.load_button.click()  # the error goes to the dashboard's log, not into the void
+    assert "no such results file" in "".join(o.get("text", "") for o in dash.log.outputs)
+
+
+def test_run_tab_runs_live_and_stops(target, world):
+    model, tok = target
+    dash = gl.Dashboard(model=model, tokenizer=tok, world=world)
+    assert set(dash.objective.options) == set(gl.list_objectives("forget"))
+    dash.objective.value = "npo"
+    assert list(dash.param_widgets) == ["beta"] and dash.param_widgets["beta"].value == 0.1
+    dash.param_widgets["beta"].value = 0.2
+    dash.regulariser.value = "gd"
+    dash.reg_weight.value = 0.5
+    dash.steps.value = 3
+    assert dash.run_config()["objective"] == "npo+0.5*gd"
+    frames = []
+    dash.live.observe(lambda change: frames.append(len(change["new"])), names="value")
+    dash.run_button.click()
+    dash.wait(120)
+    assert not dash.log.outputs, dash.log.outputs
+    assert dash.progress.value == 3 and len(frames) == 3  # the plot was redrawn at each recorded step
+    run = dash.runs["npo+0.5*gd"]
+    assert run.attrs["complete"] == 1 and '"npo.beta": 0.2' in run.attrs["objective_params"]
+    assert dash.explore_run.options[-1] == "npo+0.5*gd"
+    # Stop: the run ends after the current step, keeping what it recorded
+    dash.steps.value = 50
+    dash.live.observe(lambda change: dash.stop() if len(frames) >= 4 else None, names="value")
+    dash.run_button.click()
+    dash.wait(120)
+    stopped = dash.runs["npo+0.5*gd#2"]
+    assert stopped.attrs["complete"] == 0 and stopped.sizes["step"] < 50
+
+
+def test_user_objectives_appear_after_refresh(target, world):
+    dash = gl.Dashboard(model=target[0], tokenizer=target[1], world=world)
+
+    @gl.objective("dash_half_ga")
+    def half(x, scale: float = 0.5, clip: bool = True):
+        return -scale * x.mean(x.nll)
+
+    try:
+        assert "dash_half_ga" not in dash.objective.options
+        dash.refresh_objectives.click()
+        dash.objective.value = "dash_half_ga"
+        widgets = dash.param_widgets
+        assert widgets["scale"].value == 0.5 and widgets["clip"].value is True
+        assert type(widgets["clip"]).__name__ == "Checkbox"
+    finally:
+        gl.objectives.registry._REGISTRY.pop("dash_half_ga")
+
+
+def test_plots_module_is_what_the_dashboard_draws_with():
+    assert gl.Dashboard.__module__ == "geffect_lab.widgets" and callable(plots.g_effect_curves)
