@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lab zoo world lint clean
+.PHONY: install system-deps demo test test-fast lab zoo world lint clean
 
 install: $(STAMP)
 
@@ -22,7 +22,16 @@ $(STAMP): pyproject.toml
 demo: install
 	$(PY) -m geffect_lab demo
 
-test: install
+# Debian's chromium for the browser test of the dashboard (Playwright drives it; no browser download).
+system-deps:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's chromium for the browser test"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "chromium is not installed and cannot be installed here (needs root on Debian): the browser test will skip"; fi
+
+test: install system-deps
 	$(PY) -m pytest
 
 test-fast: install
