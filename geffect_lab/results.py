@@ -60,6 +60,12 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "log10_forget_quality": ("log10 forget quality", "log10 of the forget quality."),
     "model_utility": ("model utility", "harmonic mean of probability, ROUGE-L and truth-ratio score on the "
                                        "retain and general-knowledge sets."),
+    "token_attribution": ("token attribution", "Captum attribution of the answer log-probability to each prompt "
+                                               "token (baseline: the pad token), per method."),
+    "layer_attribution": ("layer attribution", "Captum gradient x activation of the answer log-probability at each "
+                                               "layer's output, summed over positions and hidden units."),
+    "attribution_delta": ("IG convergence delta", "integrated gradients' completeness gap: sum of attributions "
+                                                  "minus (F(x) - F(baseline))."),
 }
 
 
@@ -101,13 +107,24 @@ class Axes:
     against: list[str]
     token_texts: list[list[str]]
     token_width: int
+    prompt_token_texts: list[list[str]] | None = None   # for token attributions (prompt positions)
+    methods: list[str] | None = None                    # attribution methods
 
     def coords(self, steps: Sequence[int]) -> dict[str, Any]:
         tok_text = np.full((len(self.instance_ids), self.token_width), "", dtype=object)
         for i, texts in enumerate(self.token_texts):
             for k, t in enumerate(texts[:self.token_width]):
                 tok_text[i, k] = t
-        return {
+        extra = {}
+        if self.prompt_token_texts is not None:
+            width = max((len(t) for t in self.prompt_token_texts), default=0)
+            texts = np.full((len(self.instance_ids), width), "", dtype=object)
+            for i, row in enumerate(self.prompt_token_texts):
+                texts[i, :len(row)] = row
+            extra = {"prompt_token": ("prompt_token", np.arange(width, dtype=np.int64)),
+                     "prompt_token_text": (("instance", "prompt_token"), texts),
+                     "method": ("method", np.array(self.methods or [], dtype=object))}
+        return extra | {
             "step": ("step", np.asarray(steps, dtype=np.int64)),
             "instance": ("instance", np.array(self.instance_ids, dtype=object)),
             "split": ("instance", np.array(self.splits, dtype=object)),
@@ -138,6 +155,10 @@ DIMS: dict[str, tuple[str, ...]] = {
     **{name: ("step", "instance") for name in ("probability", "truth_ratio", "truth_ratio_score", "rouge_l",
                                                "exact_memorization", "extraction_strength", "generated_text")},
     **{name: ("step",) for name in ("forget_quality", "log10_forget_quality", "model_utility")},
+    # Captum attributions (geffect_lab.attribution)
+    "token_attribution": ("step", "instance", "prompt_token", "method"),
+    "layer_attribution": ("step", "instance", "layer"),
+    "attribution_delta": ("step", "instance"),
 }
 
 

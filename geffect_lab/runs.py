@@ -28,7 +28,7 @@ import xarray as xr
 
 from . import __version__
 from ._batching import eval_mode
-from .data import example_field, example_id, load_world
+from .data import encode, example_field, example_id, load_world
 from .engine.api import make_axes, model_description, prepare_targets
 from .engine.core import fast_effects, term_gradients
 from .engine.forward import encode_side, reference_quantities, resolve_layers, risk_and_tokens
@@ -189,11 +189,37 @@ class _Evaluator:
         return out
 
 
+class _Attributor:
+    """Captum attributions of the evaluation instances' answers (tokens and layers), at one θ."""
+
+    def __init__(self, tokenizer, examples, methods, n_steps, template):
+        self.tokenizer, self.examples, self.methods = tokenizer, list(examples), list(methods)
+        self.n_steps, self.template = n_steps, template
+
+    def __call__(self, model) -> dict:
+        from . import attribution
+
+        tok = attribution.tokens(model, self.tokenizer, self.examples, methods=self.methods, n_steps=self.n_steps,
+                                 template=self.template)
+        layers = attribution.layers(model, self.tokenizer, self.examples, template=self.template)
+        return {"token_attribution": tok.sel({"method": self.methods}).values, "layer_attribution": layers.values,
+                "attribution_delta": tok["convergence_delta"].values}
+
+    def prompt_texts(self) -> list[list[str]]:
+        from .attribution import _prompt_positions
+
+        batch = encode(self.tokenizer, self.examples, self.template)
+        prompt = _prompt_positions(batch, self.tokenizer)
+        return [[self.tokenizer.decode([t]) for t in batch["input_ids"][i][prompt[i]].tolist()]
+                for i in range(len(self.examples))]
+
+
 class _Recorder:
     """Per-step arrays, preallocated, turned into a Dataset on demand (for callbacks and at the end)."""
 
     def __init__(self, n_rows: int, n_inst: int, n_layers: int, n_terms: int, width: int, n_samples: int,
-                 n_against: int, record: set[str], weights: bool, metrics: bool = False):
+                 n_against: int, record: set[str], weights: bool, metrics: bool = False,
+                 attribution: tuple[int, int] | None = None):
         nan = np.nan
 
         def full(*shape):
@@ -220,6 +246,11 @@ class _Recorder:
             self.data["generated_text"] = np.full((n_rows, n_inst), "", dtype=object)
             for name in ("forget_quality", "log10_forget_quality", "model_utility"):
                 self.data[name] = full(n_rows)
+        if attribution is not None:
+            prompt_width, n_methods = attribution
+            self.data["token_attribution"] = full(n_rows, n_inst, prompt_width, n_methods)
+            self.data["layer_attribution"] = full(n_rows, n_inst, n_layers)
+            self.data["attribution_delta"] = full(n_rows, n_inst)
 
     def row(self, step: int) -> int:
         self.steps.append(step)
@@ -240,7 +271,9 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
             inplace: bool = False, reference=None, refusals: Sequence[str] | None = None,
             chunk_size: int | None = 32, save_every: int | None = None, out: str | os.PathLike | None = None,
             progress: bool = True, template=None, eval_every: int | None = None, retain_model="auto",
-            retain_reference=None, max_new_tokens: int | None = None) -> xr.Dataset:
+            retain_reference=None, max_new_tokens: int | None = None, attribute_at: Sequence[int] | None = None,
+            attribute_methods: Sequence[str] = ("integrated_gradients", "feature_ablation"),
+            attribute_n_steps: int = 32) -> xr.Dataset:
     """Run an unlearning objective and record its G-effects step by step.
 
     Parameters
@@ -279,6 +312,11 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
         ``retain_reference`` log; ``"auto"`` takes the zoo's matching retain model on the bundled world),
         ``log10_forget_quality`` and ``model_utility`` (non-targeted instances and the world's general
         sets) [step].
+    attribute_at, attribute_methods, attribute_n_steps:
+        At these steps (before their update; the number of steps itself means after the last update) store
+        Captum attributions of every evaluation instance's answer (:mod:`geffect_lab.attribution`):
+        ``token_attribution`` [step, instance, prompt_token, method] with ``prompt_token_text``,
+        ``layer_attribution`` [step, instance, layer] (the G-effect's layer names) and ``attribution_delta``.
     """
     record = set(record)
     unknown = record - set(RECORD_ALL)
@@ -340,7 +378,11 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
     if eval_every is not None and eval_every < 1:
         raise ValueError("eval_every must be 1 or more (or None: no metrics along the run)")
     eval_set = {t for t in range(n_steps) if t % eval_every == 0} if eval_every else set()
-    n_rows = len(record_set | eval_set) + 1
+    attr_set = {int(t) for t in attribute_at or ()}
+    if any(t < 0 or t > n_steps for t in attr_set):
+        raise ValueError(f"attribute_at must name steps between 0 and {n_steps} (the number of steps: after the last "
+                         "update)")
+    n_rows = len(record_set | eval_set | (attr_set - {n_steps})) + 1
 
     def lr_at(t: int) -> float:
         return lr * min(1.0, (t + 1) / warmup) if warmup else lr
@@ -356,10 +398,17 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
     sample_pos = {s: i for i, s in enumerate(sample_ids)}
     answer_tokens = [row[row != -100].tolist() for row in targets["labels"][:, 1:]]
     axes = make_axes(tokenizer, ids, splits, examples, groups, obj, sample_ids, list(slices), answer_tokens, width)
+    attributor = None
+    if attr_set:
+        attributor = _Attributor(tokenizer, examples, attribute_methods, attribute_n_steps, template)
+        axes.prompt_token_texts = attributor.prompt_texts()
+        axes.methods = list(attribute_methods)
     measuring = bool(record & {"g_effect", "g_effect_token", "pg_effect", "update_effect"})
     rec = _Recorder(n_rows, len(ids), len(groups.names), len(obj.terms), width, len(sample_ids),
                     len(slices), record, any(t.spec.weight is not None for t in obj.terms
-                                             if t.spec.role == "forget"), metrics=bool(eval_every))
+                                             if t.spec.role == "forget"), metrics=bool(eval_every),
+                    attribution=(max(len(t) for t in axes.prompt_token_texts), len(axes.methods))
+                    if attributor is not None else None)
     evaluator = None
     if eval_every:
         general = {name: list(world[name]) for name in ("real_authors", "world_facts")
@@ -371,7 +420,7 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
         "weight_decay": weight_decay, "warmup": warmup, "seed": seed, "record_every": record_every,
         "record": sorted(record), "chunk_size": chunk_size, "n_forget": len(forget_examples),
-        "eval_every": eval_every,
+        "eval_every": eval_every, "attribute_at": sorted(attr_set),
         "n_retain_train": len(train_retain), "eval": {k: len(v) for k, v in eval_sets.items()},
     }
     attrs: dict[str, Any] = {
@@ -394,9 +443,11 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
     try:
         for step in range(n_steps):
             recorded = step in record_set
-            has_row = recorded or step in eval_set
-            # the metrics at θ_t, before anything of this step touches the model
+            has_row = recorded or step in eval_set or step in attr_set
+            # the metrics and attributions at θ_t, before anything of this step touches the model
             metrics = evaluator(work) if evaluator is not None and step in eval_set else None
+            if attributor is not None and step in attr_set:
+                metrics = {**(metrics or {}), **attributor(work)}
             forget_batch = forget_stream.next()
             sides = {"forget": encode_side(tokenizer, forget_batch, refusals=refusals, need_alt=needs_alt,
                                            template=template)}
@@ -480,6 +531,8 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
     rec.data["risk"][row] = _risks(work, targets, chunk_size)
     if evaluator is not None:
         _store_metrics(rec, row, evaluator(work))
+    if attributor is not None and updates in attr_set:
+        _store_metrics(rec, row, attributor(work))
     attrs["complete"] = int(not stop_reason)
     attrs["stop_reason"] = stop_reason
     ds = snapshot()
