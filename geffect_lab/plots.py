@@ -18,6 +18,9 @@ function                    shows
 ``token_strip``             an answer's text, each token coloured by its G-effect
 ``compare``                 several objectives (a combined Dataset) with shared axes, facets or overlay
 ``metric_curves``           forget quality, model utility and per-split metrics over steps
+``token_attribution``       Captum token attributions with the prompt's text (instances or steps as rows)
+``layer_attribution``       layer attribution beside the layer G-effect, one instance and step
+``attribution_change``      an instance's token attributions before and after unlearning
 ==========================  ==========================================================================
 """
 
@@ -31,7 +34,8 @@ from matplotlib.colors import SymLogNorm, TwoSlopeNorm
 from matplotlib.figure import Figure
 
 __all__ = ["g_effect_curves", "layer_heatmap", "instance_distributions", "pg_scatter", "trajectory",
-           "token_strip", "compare", "metric_curves", "UNLEARNING", "RETAINING", "figure_png", "label"]
+           "token_strip", "compare", "metric_curves", "token_attribution", "layer_attribution", "attribution_change",
+           "UNLEARNING", "RETAINING", "figure_png", "label"]
 
 UNLEARNING = "#D9A300"   # gold
 RETAINING = "#1B2A6B"    # navy
@@ -364,6 +368,100 @@ def metric_curves(ds: xr.Dataset, *, title: str | None = None) -> Figure:
         ax.set_axis_off()
     fig.suptitle(title or f"{ds.attrs.get('objective', '')}: metrics along the run")
     return fig
+
+
+def _attribution_rows(source, instance, step, method):
+    """(values [row, prompt token], texts [row, prompt token], row labels) from a tokens() DataArray or a run."""
+    if isinstance(source, xr.DataArray):
+        da = source.sel({"method": method})
+        if instance is not None:
+            da = da.sel(instance=[instance] if isinstance(instance, str) else list(instance))
+        return da.values, da["token_text"].values, [str(i) for i in da["instance"].values]
+    if "token_attribution" not in source:
+        raise KeyError("this Dataset has no token_attribution (run gl.unlearn(..., attribute_at=[...]))")
+    da = source["token_attribution"].sel({"method": method})
+    attributed = da.notnull().any(["instance", "prompt_token"])
+    steps = [int(s) for s in da["step"].values[attributed.values]]
+    if instance is None:
+        instance = str(source["instance"].values[0])
+    if step is None:
+        rows = da.sel(instance=instance, step=steps)
+        labels = [f"step {s}" for s in steps]
+    else:
+        rows = da.sel(instance=instance, step=[step])
+        labels = [f"step {step}"]
+    texts = np.repeat(source["prompt_token_text"].sel(instance=instance).values[None], len(labels), axis=0)
+    return rows.values, texts, labels
+
+
+def token_attribution(source, *, instance=None, step: int | None = None, method: str = "integrated_gradients",
+                      title: str | None = None) -> Figure:
+    """A heatmap of token attributions with each cell labelled by its prompt token (diverging, centred on 0).
+
+    ``source`` is a DataArray from :func:`geffect_lab.attribution.tokens` (rows: instances, or the one
+    ``instance``) or a run with ``token_attribution`` (rows: the attributed steps of ``instance``, or ``step``).
+    """
+    import seaborn as sns
+
+    values, texts, rows = _attribution_rows(source, instance, step, method)
+    keep = ~np.isnan(values).all(0)
+    values, texts = values[:, keep], texts[:, keep]
+    finite = np.abs(values[np.isfinite(values)])
+    vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    fig, axes = _new(1, 1, width=min(2 + 0.55 * values.shape[1], 18), height=0.5 * len(rows) + 1.6)
+    ax = axes[0, 0]
+    annot = np.where(np.isnan(values), "", texts.astype(str))
+    sns.heatmap(values, ax=ax, cmap="vlag", norm=TwoSlopeNorm(0.0, -vmax, vmax), annot=annot, fmt="",
+                annot_kws={"fontsize": 7, "rotation": 90}, cbar_kws={"label": f"attribution ({method})"},
+                xticklabels=False, yticklabels=rows, linewidths=0.3, linecolor="white")
+    ax.set_xlabel("prompt token")
+    ax.set_title(title or f"token attribution of the answer ({method.replace('_', ' ')})")
+    return fig
+
+
+def layer_attribution(ds: xr.Dataset, instance: str, *, step: int | None = None, title: str | None = None) -> Figure:
+    """For one instance and step: Captum's layer attribution of its answer (left) beside its layer G-effect
+    (right), on the same layer axis. ``step`` defaults to the first attributed step."""
+    if "layer_attribution" not in ds:
+        raise KeyError("this Dataset has no layer_attribution (run gl.unlearn(..., attribute_at=[...]))")
+    attributed = ds["layer_attribution"].notnull().any(["instance", "layer"])
+    steps = [int(s) for s in ds["step"].values[attributed.values]]
+    step = steps[0] if step is None else step
+    layer_names = [str(x) for x in ds["layer"].values]
+    attr = ds["layer_attribution"].sel(instance=instance, step=step).values
+    fig, axes = _new(1, 2, width=4.6, height=3.6)
+    axes[0, 0].barh(layer_names, np.nan_to_num(attr), color=[_palette(1)[0]] * len(layer_names))
+    axes[0, 0].set_title("layer attribution of the answer", fontsize=10)
+    axes[0, 0].invert_yaxis()
+    if "g_effect" in ds and ds["g_effect"].sel(step=step).notnull().any():
+        g = ds["g_effect"].sel(instance=instance, step=step).sum("term").values
+        split = str(ds["split"].sel(instance=instance).values)
+        axes[0, 1].barh(layer_names, g, color=SPLIT_COLORS.get(split, "grey"))
+        axes[0, 1].set_xscale("symlog", linthresh=max(float(np.nanpercentile(np.abs(g[g != 0]), 10))
+                                                      if (g != 0).any() else 1e-12, 1e-12))
+    else:
+        axes[0, 1].text(0.5, 0.5, "no G-effect recorded at this step", ha="center", transform=axes[0, 1].transAxes)
+    axes[0, 1].set_title(label(ds["g_effect"]) if "g_effect" in ds else "G-effect", fontsize=10)
+    axes[0, 1].invert_yaxis()
+    for ax in axes[0]:
+        ax.axvline(0, color="0.6", lw=0.8)
+    fig.suptitle(title or f"{instance} · step {step}")
+    return fig
+
+
+def attribution_change(ds: xr.Dataset, instance: str, *, method: str = "integrated_gradients",
+                       title: str | None = None) -> Figure:
+    """An instance's token attributions at its first and last attributed steps, and their difference."""
+    values, texts, rows = _attribution_rows(ds, instance, None, method)
+    if len(rows) < 2:
+        raise KeyError("attribution_change needs attributions at two steps (attribute_at=[0, ..., steps])")
+    before, after = values[0], values[-1]
+    keep = ~(np.isnan(before) & np.isnan(after))
+    stacked = np.stack([before[keep], after[keep], (after - before)[keep]])
+    source = xr.DataArray(stacked[:, :, None], dims=("instance", "token", "method"),
+                          coords={"instance": [rows[0], rows[-1], "after - before"], "method": [method],
+                                  "token_text": (("instance", "token"), np.repeat(texts[:1, keep], 3, axis=0))})
+    return token_attribution(source, method=method, title=title or f"{instance}: attribution before and after")
 
 
 def figure_png(fig: Figure, dpi: int = 90) -> bytes:

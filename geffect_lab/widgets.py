@@ -4,12 +4,13 @@
 >>> dash = gl.Dashboard(runs={"npo": gl.load("npo.nc")})  # or explore saved runs
 >>> dash                                                 # shows itself in a notebook cell
 
-Three tabs: **Run** (an objective from the registry, parameter widgets made from its signature, a
+Four tabs: **Run** (an objective from the registry, parameter widgets made from its signature, a
 regulariser and its weight, the forget split, steps, learning rate, optimiser, Run / Stop, a progress bar and
 a plot that updates as steps are recorded), **Explore** (a run, a view, a split, an instance with its question
-and answer, a step, layers, coarse / fine, cumulative) and **Compare** (several runs on shared axes). Every
-view is one call of :mod:`geffect_lab.plots`; the widgets only call plain functions. Errors raised in any
-callback are printed in the dashboard's log, never lost.
+and answer, a step, layers, coarse / fine, cumulative), **Compare** (several runs on shared axes) and
+**Attribution** (Captum attributions of the selected instance's answer: tokens, layers beside the layer
+G-effect, before / after). Every view is one call of :mod:`geffect_lab.plots`; the widgets only call plain
+functions. Errors raised in any callback are printed in the dashboard's log, never lost.
 """
 
 from __future__ import annotations
@@ -77,8 +78,9 @@ class Dashboard:
         self.run_tab = self._build_run_tab()
         self.explore_tab = self._build_explore_tab()
         self.compare_tab = self._build_compare_tab()
-        self.tabs = W.Tab(children=[self.run_tab, self.explore_tab, self.compare_tab])
-        for i, title in enumerate(("Run", "Explore", "Compare")):
+        self.attribution_tab = self._build_attribution_tab()
+        self.tabs = W.Tab(children=[self.run_tab, self.explore_tab, self.compare_tab, self.attribution_tab])
+        for i, title in enumerate(("Run", "Explore", "Compare", "Attribution")):
             self.tabs.set_title(i, title)
         header = W.HTML("<b>geffect-lab</b> · G-effects of unlearning objectives "
                         "<span style='color:#666'>(dR ≈ −lr·e: a negative G-effect raises the risk)</span>")
@@ -369,6 +371,8 @@ class Dashboard:
                           "instance": self.instance.value, "step": step, "coarse": coarse, "layers": layers,
                           "cumulative": self.cumulative.value}
         self._show(self.explore_image, fig)
+        if hasattr(self, "attribution_image"):
+            self.draw_attribution()
 
     def _draw(self, ds, view, step, coarse, layers):
         if view == "curves":
@@ -391,6 +395,43 @@ class Dashboard:
     @staticmethod
     def _recorded(ds: xr.Dataset, step) -> bool:
         return "g_effect" in ds and bool(ds["g_effect"].sel(step=step).notnull().any())
+
+    # ------------------------------------------------------------------ Attribution tab
+    def _build_attribution_tab(self) -> W.Widget:
+        style = {"description_width": "initial"}
+        self.attribution_view = W.ToggleButtons(options=["tokens", "layers vs G-effect", "before / after"],
+                                                value="tokens", style={"button_width": "150px"})
+        self.attribution_method = W.Dropdown(options=["integrated_gradients", "feature_ablation"],
+                                             value="integrated_gradients", description="method", style=style)
+        self.attribution_note = W.HTML("<small>For the run and instance chosen in Explore (the step too, for the "
+                                       "layer view). Runs store attributions with "
+                                       "<code>gl.unlearn(..., attribute_at=[0, 10, 20])</code>.</small>")
+        self.attribution_image = W.Image(format="png")
+        self.attribution_figure = None
+        for control in (self.attribution_view, self.attribution_method):
+            control.observe(self._guard("attribution", lambda _: self.draw_attribution()), names="value")
+        return W.VBox([W.HBox([self.attribution_view, self.attribution_method]), self.attribution_note,
+                       self.attribution_image])
+
+    def draw_attribution(self) -> None:
+        """Draw the Attribution tab for the Explore tab's run, instance and step."""
+        ds = self.current
+        if ds is None or not self.instance.value:
+            return
+        view, method = self.attribution_view.value, self.attribution_method.value
+        try:
+            if view == "tokens":
+                fig = plots.token_attribution(ds, instance=self.instance.value, method=method)
+            elif view == "layers vs G-effect":
+                attributed = ("layer_attribution" in ds
+                              and bool(ds["layer_attribution"].sel(step=self.step.value).notnull().any()))
+                fig = plots.layer_attribution(ds, self.instance.value, step=self.step.value if attributed else None)
+            else:
+                fig = plots.attribution_change(ds, self.instance.value, method=method)
+        except KeyError as err:
+            fig = _message_figure(err.args[0] if err.args else str(err))
+        self.attribution_figure = fig
+        self._show(self.attribution_image, fig)
 
     # ------------------------------------------------------------------ Compare tab
     def _build_compare_tab(self) -> W.Widget:

@@ -103,3 +103,21 @@ def test_user_objectives_appear_after_refresh(target, world):
 
 def test_plots_module_is_what_the_dashboard_draws_with():
     assert gl.Dashboard.__module__ == "geffect_lab.widgets" and callable(plots.g_effect_curves)
+
+
+def test_attribution_tab_shows_the_selected_instance(target, world):
+    model, tok = target
+    ev = {"targeted": world["forget05"][:2], "non_targeted": world["retain_perturbed"][:2]}
+    run = gl.unlearn(model, tok, "ga", world=world, eval=ev, steps=2, record=("g_effect",), attribute_at=[0, 2],
+                     attribute_n_steps=8, progress=False)
+    dash = gl.Dashboard(runs={"ga": run})
+    assert dash.tabs.get_title(3) == "Attribution"
+    dash.instance.value = dash.instance.options[1]
+    assert dash.attribution_figure is not None
+    labels = [t.get_text() for t in dash.attribution_figure.axes[0].get_yticklabels()]
+    assert labels == ["step 0", "step 2"]
+    dash.attribution_view.value = "layers vs G-effect"
+    assert dash.attribution_figure._suptitle.get_text() == f"{dash.instance.options[1]} · step 0"
+    dash.attribution_view.value = "before / after"
+    assert "before and after" in dash.attribution_figure.axes[0].get_title()
+    assert not dash.log.outputs
