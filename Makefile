@@ -38,7 +38,7 @@ test-fast: install
 	$(PY) -m pytest -m "not slow and not notebook and not browser"
 
 lab: install
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/01_quickstart.ipynb
 
 zoo: install
 	$(PY) -m geffect_lab zoo build --force
