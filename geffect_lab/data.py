@@ -44,9 +44,17 @@ def data_dir() -> Path:
 
 
 def tofu_dir() -> Path:
-    """Where the real TOFU files are looked for: ``$GEFFECT_TOFU_DIR``, else ``../shared/data/tofu``."""
+    """Where the real TOFU files are looked for: ``$GEFFECT_TOFU_DIR``, else the first ``shared/data/tofu``
+    beside the checkout or one of its parent folders (``../shared/data/tofu`` in this project's layout)."""
     env = os.environ.get("GEFFECT_TOFU_DIR")
-    return Path(env) if env else PACKAGE_ROOT.parent.parent / "shared" / "data" / "tofu"
+    if env:
+        return Path(env)
+    checkout = PACKAGE_ROOT.parent
+    for folder in [checkout, *checkout.parents]:
+        candidate = folder / "shared" / "data" / "tofu"
+        if (candidate / "full.json").exists():
+            return candidate
+    return checkout.parent / "shared" / "data" / "tofu"
 
 
 class WorldFormatError(ValueError):
