@@ -317,7 +317,7 @@ def objective(name: str, *, role: str = "forget", needs: Iterable[str] = (),
     def register(fn: Callable[..., torch.Tensor]) -> ObjectiveSpec:
         doc = inspect.getdoc(fn) or ""
         spec = ObjectiveSpec(name=name, fn=fn, role=role, needs=needs,
-                             description=doc.splitlines()[0] if doc else "", weight=weight)
+                             description=" ".join(doc.split("\n\n")[0].split()) if doc else "", weight=weight)
         if needs & {"hidden", "ref_hidden"} and "layer" not in spec.parameters:
             raise ObjectiveError(f"objective {name!r} needs hidden states, so it must take a 'layer' parameter")
         _REGISTRY[name] = spec
