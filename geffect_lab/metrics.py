@@ -145,6 +145,21 @@ def _with_perturbed(model, tokenizer, examples, base_field, batch_size, template
     return nll[owner < 0], [nll[owner == i] for i in range(len(examples))]
 
 
+def _truth_base(example) -> str:
+    """The answer a truth ratio compares the perturbed ones with: the paraphrase, or the answer itself on sets
+    without paraphrases (TOFU's convention for real authors and world facts)."""
+    return example_field(example, "paraphrased_answer", None) or example_field(example, "answer")
+
+
+def _ratio(base_nll: np.ndarray, perturbed_nll: list[np.ndarray]) -> np.ndarray:
+    return np.exp(base_nll - np.array([p.mean() for p in perturbed_nll]))
+
+
+def _with_options(answer_nll: np.ndarray, perturbed_nll: list[np.ndarray]) -> np.ndarray:
+    correct = np.exp(-answer_nll)
+    return correct / (correct + np.array([np.exp(-p).sum() for p in perturbed_nll]))
+
+
 def truth_ratio(model, tokenizer, examples, batch_size: int = 64, template=None,
                 split_name: str = "given") -> np.ndarray:
     """``[instance]``: ``R = exp(NLL(paraphrase) − mean_k NLL(perturbed_k))`` = P_perturbed / P_paraphrased.
@@ -153,11 +168,7 @@ def truth_ratio(model, tokenizer, examples, batch_size: int = 64, template=None,
     The paraphrase is ``paraphrased_answer`` when the example has one, the answer itself otherwise (TOFU's
     convention for real authors and world facts).
     """
-    base, perturbed = _with_perturbed(
-        model, tokenizer, examples,
-        lambda e: example_field(e, "paraphrased_answer", None) or example_field(e, "answer"),
-        batch_size, template, split_name)
-    return np.exp(base - np.array([p.mean() for p in perturbed]))
+    return _ratio(*_with_perturbed(model, tokenizer, examples, _truth_base, batch_size, template, split_name))
 
 
 def truth_ratio_score(ratios: np.ndarray, forget: bool) -> np.ndarray:
@@ -169,10 +180,8 @@ def truth_ratio_score(ratios: np.ndarray, forget: bool) -> np.ndarray:
 def probability_with_options(model, tokenizer, examples, batch_size: int = 64, template=None,
                              split_name: str = "given") -> np.ndarray:
     """``[instance]``: the answer's probability normalised over itself and its perturbed answers."""
-    base, perturbed = _with_perturbed(model, tokenizer, examples, lambda e: example_field(e, "answer"),
-                                      batch_size, template, split_name)
-    correct = np.exp(-base)
-    return correct / (correct + np.array([np.exp(-p).sum() for p in perturbed]))
+    return _with_options(*_with_perturbed(model, tokenizer, examples, lambda e: example_field(e, "answer"),
+                                          batch_size, template, split_name))
 
 
 # ------------------------------------------------------------------------------ generation and ROUGE
@@ -429,13 +438,16 @@ def instance_metrics(model, tokenizer, examples, *, forget: bool, general: bool 
     pairs = _pairs(examples)
     nll, hits = _teacher_forced(model, tokenizer, pairs, batch_size, template)
     has_pert = all(example_field(e, "perturbed_answer", ()) for e in examples)
-    if general and has_pert:
-        out["probability"] = probability_with_options(model, tokenizer, examples, batch_size, template, split_name)
-    else:
-        out["probability"] = np.exp(-nll)
+    out["probability"] = np.exp(-nll)
     if has_pert:
-        out["truth_ratio"] = truth_ratio(model, tokenizer, examples, batch_size, template, split_name)
+        base, perturbed = _with_perturbed(model, tokenizer, examples, _truth_base, batch_size, template, split_name)
+        out["truth_ratio"] = _ratio(base, perturbed)
         out["truth_ratio_score"] = truth_ratio_score(out["truth_ratio"], forget)
+        if general:  # TOFU's probability over the options; without paraphrases the same pass serves both
+            paraphrased = any(example_field(e, "paraphrased_answer", None) for e in examples)
+            out["probability"] = (probability_with_options(model, tokenizer, examples, batch_size, template,
+                                                           split_name) if paraphrased
+                                  else _with_options(base, perturbed))
     else:
         out["truth_ratio"] = out["truth_ratio_score"] = np.full(len(examples), np.nan)
     scores, texts, flags = rouge_l(model, tokenizer, examples, max_new_tokens, batch_size, template)
