@@ -39,7 +39,7 @@ import xarray as xr
 
 from ._batching import eval_mode, model_device
 from .data import encode, example_field, example_id
-from .engine.forward import answer_logp
+from .engine.forward import answer_logp, hidden_at_answers
 from .engine.groups import find_blocks, layer_groups
 from .objectives import ObjectiveError, ObjectiveInputs, resolve_objective
 
@@ -96,9 +96,7 @@ class _Target:
                                              full=bool(needs & {"full_logp", "ref_full_logp"}))
         out = {"logp": logp, "mask": amask, "full_logp": full}
         if captured:
-            hidden = captured[-1]
-            idx = pos.clamp(max=hidden.shape[1] - 1)
-            out["hidden"] = hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
+            out["hidden"] = hidden_at_answers(captured[-1], pos)
         if reference:
             return {f"ref_{k}": v.detach() for k, v in out.items() if v is not None}
         return out

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 __all__ = ["Example", "World", "WorldFormatError", "load_world", "encode", "PromptTemplate", "TEMPLATES",
-           "DEFAULT_TEMPLATE", "example_id", "example_field", "data_dir", "tofu_dir"]
+           "DEFAULT_TEMPLATE", "example_id", "example_field", "data_dir", "tofu_dir", "spread"]
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 
@@ -84,6 +84,16 @@ class Example:
         d = asdict(self)
         d["perturbed_answer"] = list(self.perturbed_answer)
         return d
+
+
+def spread(items: Sequence, n: int | None) -> list:
+    """Up to ``n`` items spread evenly over the sequence, first and last included (deterministic)."""
+    items = list(items)
+    if n is None or len(items) <= n:
+        return items
+    if n <= 1:
+        return items[:n]
+    return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
 
 
 def example_field(example: Any, name: str, default: Any = ...) -> Any:

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from ._batching import chunks, eval_mode, model_device, shifted, to_device
-from .data import PromptTemplate, _template, encode, encode_pairs, example_field, example_id
+from .data import PromptTemplate, _template, encode, encode_pairs, example_field, example_id, spread
 
 __all__ = ["exact_match", "token_accuracy", "exact_memorization", "probability", "probability_with_options",
            "truth_ratio", "truth_ratio_score", "generate_answers", "rouge_l_recall", "rouge_l",
@@ -421,13 +421,6 @@ PER_INSTANCE = ("probability", "truth_ratio", "truth_ratio_score", "rouge_l", "e
                 "extraction_strength", "extraction_strength_similar", "generated_text", "generation_truncated")
 
 
-def _spread(items, n):
-    items = list(items)
-    if n is None or len(items) <= n:
-        return items
-    return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
-
-
 def instance_metrics(model, tokenizer, examples, *, forget: bool, general: bool = False,
                      max_new_tokens=None, batch_size: int = 32, template=None, similar_es: bool = False,
                      split_name: str = "given") -> dict[str, np.ndarray | list]:
@@ -490,8 +483,8 @@ def evaluate(model, tokenizer, world, forget: str = "forget05", *, retain_model=
     from .results import flat_attrs
 
     general = [s for s in (general if general is not None else ("real_authors", "world_facts")) if s in world]
-    sets = {"targeted": _spread(world.forget(forget), n), "non_targeted": _spread(world[retain_split], n)}
-    sets.update({name: _spread(world[name], n) for name in general})
+    sets = {"targeted": spread(world.forget(forget), n), "non_targeted": spread(world[retain_split], n)}
+    sets.update({name: spread(world[name], n) for name in general})
     per_set = {}
     for name, examples in sets.items():
         if not examples:

@@ -28,7 +28,7 @@ import xarray as xr
 
 from . import __version__
 from ._batching import eval_mode
-from .data import encode, example_field, example_id, load_world
+from .data import encode, example_field, example_id, load_world, spread
 from .engine.api import make_axes, model_description, prepare_targets
 from .engine.core import fast_effects, term_gradients
 from .engine.forward import encode_side, reference_quantities, resolve_layers, risk_and_tokens
@@ -59,20 +59,12 @@ class RunStopped(RuntimeError):
     """Raised inside the loop to stop a run early (by the callback or a non-finite loss)."""
 
 
-def _spaced(items: Sequence, n: int) -> list:
-    """Up to ``n`` items spread evenly over the sequence (deterministic)."""
-    items = list(items)
-    if len(items) <= n:
-        return items
-    return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
-
-
 def select_eval(forget: Sequence, retain: Sequence, n: int = 32) -> dict[str, list]:
     """Default evaluation instances: up to ``n`` forget instances and ``n`` retain instances, evenly spread,
     the retain ones preferably with perturbed answers (so truth ratios can be taken on them)."""
     with_perturbed = [e for e in retain if example_field(e, "perturbed_answer", ())]
     pool = with_perturbed if len(with_perturbed) >= n else list(retain)
-    return {"targeted": _spaced(forget, n), "non_targeted": _spaced(pool, n)}
+    return {"targeted": spread(forget, n), "non_targeted": spread(pool, n)}
 
 
 def _key(e) -> tuple[str, str]:

@@ -121,6 +121,12 @@ def answer_logp(logits: torch.Tensor, labels: torch.Tensor, full: bool = False):
     return logp * maskf, maskf, (logp_all if full else None), pos + 1
 
 
+def hidden_at_answers(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Hidden states [row, position, d] gathered at each answer token's own position → [row, token, d]."""
+    idx = positions.clamp(max=hidden.shape[1] - 1)
+    return hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
 def risk_and_tokens(model, batch: dict[str, torch.Tensor]):
     """Per-instance risk ``R_i = mean_k nll_{i,k}`` and the token NLLs ``[instance, answer token]``."""
     logits, labels, _ = _forward(model, batch)
@@ -134,9 +140,7 @@ def _quantities(model, side: Side, needs: frozenset[str], layer: int | None, alt
     logp, mask, full, pos = answer_logp(logits, labels, full=bool(needs & {"full_logp", "ref_full_logp"}))
     out: dict[str, torch.Tensor | None] = {"logp": logp, "mask": mask, "full_logp": full}
     if hidden is not None:
-        # the hidden state at each answer token's own position (pos is its label position)
-        idx = pos.clamp(max=hidden.shape[1] - 1)
-        out["hidden"] = hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
+        out["hidden"] = hidden_at_answers(hidden, pos)  # pos: each answer token's own (label) position
     if alt and side.alt is not None:
         alt_logits, alt_labels, _ = _forward(model, side.alt)
         out["alt_logp"], out["alt_mask"], _, _ = answer_logp(alt_logits, alt_labels)
