@@ -73,7 +73,8 @@ def lab(short_runs, tmp_path_factory):
     server = subprocess.Popen(
         [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
          f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={root}", "--allow-root",
-         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+         "--LabApp.expose_app_in_browser=True"],
         cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -96,6 +97,33 @@ def lab(short_runs, tmp_path_factory):
     log.close()
 
 
+_KERNEL_STATE = """() => {
+  const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+  const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;
+  return k ? k.status + '/' + k.connectionStatus : 'no kernel';
+}"""
+
+
+def _wait_for_kernel(page, timeout_ms: int = 180_000) -> None:
+    """Until the notebook's kernel is connected and idle (the toolbar indicator can say idle before that)."""
+    page.wait_for_function(f"() => ({_KERNEL_STATE})() === 'idle/connected'", timeout=timeout_ms)
+
+
+def _run_all_cells(page) -> None:
+    """Run > Run All Cells, as a user does; if the menu click did not start the cell (a slow machine can swallow it
+    while the menu opens), run the same command through the app, and insist that the code cell has started."""
+    started = "() => [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].some(p => /\\[(\\*|\\d+)\\]/"
+    started += ".test(p.textContent))"
+    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+    page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+    try:
+        page.wait_for_function(started, timeout=30_000)
+    except Exception:
+        page.keyboard.press("Escape")
+        page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        page.wait_for_function(started, timeout=60_000)
+
+
 def test_dashboard_renders_and_reacts_in_jupyterlab(lab):
     from playwright.sync_api import sync_playwright
 
@@ -108,13 +136,11 @@ def test_dashboard_renders_and_reacts_in_jupyterlab(lab):
         try:
             page.goto(f"{url}/lab/tree/dashboard.ipynb?token={TOKEN}", timeout=120_000)
             page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
-            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
-            # Run > Run All Cells
-            page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-            page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+            _wait_for_kernel(page)
+            _run_all_cells(page)
             # the widgets render: three tabs, and the Explore tab's image
             page.wait_for_selector(".jp-OutputArea .widget-tab, .jp-OutputArea .jupyter-widget-tab",
-                                   timeout=180_000)
+                                   timeout=240_000)
             for title in ("Run", "Explore", "Compare"):
                 assert page.locator(".jp-OutputArea .lm-TabBar-tab", has_text=title).count() >= 1
             image = page.locator(".jp-OutputArea img:visible").first  # the Explore tab's plot
@@ -138,6 +164,9 @@ def test_dashboard_renders_and_reacts_in_jupyterlab(lab):
             page.locator(".jp-OutputArea-output").first.screenshot(path=str(ARTIFACTS / "dashboard.png"))
         except Exception:
             page.screenshot(path=str(ARTIFACTS / "dashboard-failure.png"), full_page=True)
+            print("cell prompts:", page.locator(".jp-InputPrompt").all_inner_texts())
+            print("output areas:", page.locator(".jp-OutputArea").all_inner_texts())
+            print("kernel:", page.evaluate(_KERNEL_STATE))
             print((root / "lab.log").read_text()[-4000:])
             raise
         finally:
