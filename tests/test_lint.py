@@ -1,4 +1,5 @@
-"""The code base passes ruff, and kernel-side modules never import the UI libraries."""
+"""The code base passes ruff, runs on the oldest Python it declares, and kernel-side modules never import the UI
+libraries."""
 
 from __future__ import annotations
 
@@ -19,6 +20,25 @@ def test_ruff_is_clean():
     targets = [p for p in ("geffect_lab", "tests", "data", "benchmarks", "docs") if (ROOT / p).exists()]
     result = subprocess.run([ruff, "check", *targets], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_code_needs_no_python_newer_than_declared(tmp_path):
+    """``requires-python = ">=3.10"``: vermin reads every module, test, script and notebook code cell and fails on
+    any syntax, module or function newer than 3.10 (only 3.11 is installed here, so this is the check we can run)."""
+    import nbformat
+
+    vermin = shutil.which("vermin", path=str(Path(sys.executable).parent)) or shutil.which("vermin")
+    assert vermin, "vermin is a dev dependency: pip install -e '.[dev]'"
+    for nb_path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        cells = [c.source for c in nbformat.read(nb_path, as_version=4).cells if c.cell_type == "code"]
+        code = "\n\n".join("\n".join(line for line in src.splitlines() if not line.lstrip().startswith(("%", "!")))
+                           for src in cells)
+        ast.parse(code, filename=nb_path.name)  # vermin passes files it cannot parse
+        (tmp_path / f"{nb_path.stem}.py").write_text(code)
+    targets = [str(ROOT / p) for p in ("geffect_lab", "tests", "data", "benchmarks", "docs")] + [str(tmp_path)]
+    result = subprocess.run([vermin, "--no-tips", "--violations", "--eval-annotations", "-t=3.10-", *targets],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "error:" not in result.stdout, result.stdout + result.stderr
 
 
 def _imports(path: Path) -> set[str]:
