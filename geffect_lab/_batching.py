@@ -3,7 +3,7 @@ forward passes over many instances."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -51,3 +51,24 @@ def eval_mode(model: torch.nn.Module):
         yield model
     finally:
         model.train(was_training)
+
+
+@contextmanager
+def swapped_parameters(params: Sequence[torch.nn.Parameter], values: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Hold ``values`` in ``params`` (their ``.data`` swapped, no copy) for the block, and swap back."""
+    for p, v in zip(params, values):
+        p.data, v.data = v.data, p.data
+    try:
+        yield
+    finally:
+        for p, v in zip(params, values):
+            p.data, v.data = v.data, p.data
+
+
+def update_direction(params: Sequence[torch.nn.Parameter], before: Sequence[torch.Tensor], lr: float
+                     ) -> dict[int, torch.Tensor]:
+    """The optimiser's step as a direction in the G-effect's units: ``(θ_t − θ_{t+1}) / lr`` per parameter, so
+    that for plain SGD it equals the objective's gradient and ``-lr ·`` its inner product predicts ``ΔR``."""
+    if not lr:
+        raise ValueError("the update effect needs the step's learning rate (lr > 0)")
+    return {id(p): (b - p.detach()) / lr for p, b in zip(params, before)}

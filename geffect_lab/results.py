@@ -173,9 +173,11 @@ def make_dataset(axes: Axes, steps: Sequence[int], data: Mapping[str, np.ndarray
     return annotate(ds)
 
 
-def effects_dataset(effects, axes: Axes, step: int = 0, attrs: Mapping[str, Any] | None = None) -> xr.Dataset:
-    """A one-step Dataset from an engine's :class:`~geffect_lab.engine.core.Effects`."""
-    data = {
+def effects_dataset(effects, axes: Axes, step: int = 0, attrs: Mapping[str, Any] | None = None,
+                    data: Mapping[str, Any] | None = None) -> xr.Dataset:
+    """A one-step Dataset from an engine's :class:`~geffect_lab.engine.core.Effects` (``data``: more per-step
+    variables, e.g. ``{"learning_rate": 1e-3}``)."""
+    values = {
         "g_effect": effects.g_effect[None],
         "g_effect_token": effects.g_effect_token[None],
         "risk": effects.risk[None],
@@ -185,8 +187,9 @@ def effects_dataset(effects, axes: Axes, step: int = 0, attrs: Mapping[str, Any]
         "pg_effect": None if effects.pg_effect is None else effects.pg_effect[None],
         "sample_weight": None if effects.sample_weight is None else effects.sample_weight[None],
         "update_effect": None if effects.extra is None else effects.extra[None, ..., 0],
+        **{name: np.asarray(value)[None] for name, value in (data or {}).items()},
     }
-    return make_dataset(axes, [step], data, effects.token_count, attrs)
+    return make_dataset(axes, [step], values, effects.token_count, attrs)
 
 
 # ------------------------------------------------------------------------------------------- save / load

@@ -19,6 +19,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import torch
 import xarray as xr
 
 from . import __version__
-from ._batching import eval_mode
+from ._batching import eval_mode, swapped_parameters, update_direction
 from .data import encode, example_field, example_id, load_world, spread
 from .engine.api import make_axes, model_description, prepare_targets
 from .engine.core import fast_effects, term_gradients
@@ -471,24 +472,18 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
                 continue
             measure = recorded and measuring
             theta_t = [p.detach().clone() for p in params_list] if measure and "update_effect" in record else None
-            extra = []
+            extra, at_theta_t = [], nullcontext()
             if theta_t is not None:
                 opt.step()  # θ_{t+1}; then measure at θ_t with the step's direction -Δθ/lr
                 updates += 1
-                direction = {id(p): (th - p.detach()) / rate for p, th in zip(params_list, theta_t)}
-                extra = [direction]
-                for p, th in zip(params_list, theta_t):  # swap θ_t back in for the measurement
-                    p.data, th.data = th.data, p.data
-            try:
+                extra = [update_direction(params_list, theta_t, rate)]
+                at_theta_t = swapped_parameters(params_list, theta_t)
+            with at_theta_t:
                 effects = fast_effects(work, groups, obj, sides, reference, targets, ids, slices,
                                        chunk_size=chunk_size, per_token="g_effect_token" in record,
                                        pg="pg_effect" in record, gradient=gradient, extra=extra) if measure \
                     else None
                 risks = effects.risk if effects is not None else _risks(work, targets, chunk_size)
-            finally:
-                if theta_t is not None:
-                    for p, th in zip(params_list, theta_t):
-                        p.data, th.data = th.data, p.data
             if theta_t is None:
                 opt.step()
                 updates += 1

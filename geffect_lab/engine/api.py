@@ -17,7 +17,7 @@ from .core import fast_effects, reference_effects
 from .forward import encode_side, reference_quantities, resolve_layers
 from .groups import layer_groups
 
-__all__ = ["g_effect", "prepare_targets", "model_description", "make_axes"]
+__all__ = ["g_effect", "Measurement", "prepare_targets", "model_description", "make_axes"]
 
 ENGINES = ("fast", "reference")
 
@@ -88,38 +88,83 @@ def g_effect(model, tokenizer, objective="ga", params: Mapping[str, Any] | None 
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
-    obj = resolve_objective(objective, params)
-    obj = type(obj)(resolve_layers(model, obj.terms))
-    groups = layer_groups(model)
-    roles = {t.spec.role for t in obj.terms}
-    needs_alt = "alt" in obj.forget_term.spec.needs
-    if needs_alt and refusals is None:
-        from ..data import load_world
+    m = Measurement(model, tokenizer, objective, params, forget=forget, targets=targets, retain=retain,
+                    refusals=refusals, template=template)
+    m.set_reference(model if reference is None else reference)
+    ds = m.measure(model, step=step, engine=engine, per_token=per_token, pg=pg, chunk_size=chunk_size)
+    ds.attrs["reference"] = "initial model" if reference is None else "given"
+    return ds
 
-        refusals = load_world().refusals
-    forget = list(forget) if forget is not None else []
-    sides = {"forget": encode_side(tokenizer, forget, refusals=refusals, need_alt=needs_alt, template=template)}
-    if "retain" in roles:
-        if not retain:
-            regs = ", ".join(t.name for t in obj.terms if t.spec.role == "retain")
-            raise ObjectiveError(f"the regulariser(s) {regs} need retain samples: pass retain=[...]")
-        sides["retain"] = encode_side(tokenizer, list(retain), template=template, role="retain")
-    ref_model = model if reference is None else reference
-    with torch.no_grad(), eval_mode(ref_model):
-        for term in obj.terms:  # reference quantities first, before any pass hooks the model
-            reference_quantities(ref_model, sides[term.spec.role], term.spec.needs, term.params.get("layer"))
-    batch, ids, splits, examples, slices = prepare_targets(tokenizer, targets, template)
-    run = fast_effects if engine == "fast" else reference_effects
-    effects = run(model, groups, obj, sides, ref_model, batch, ids, slices, chunk_size=chunk_size,
-                  per_token=per_token, pg=pg)
-    attrs = {
-        "objective": obj.name, "objective_params": obj.params(), "objective_repr": repr(obj),
-        "engine": engine, "package_version": __version__, "reference": "initial model" if reference is None
-        else "given", **model_description(model),
-    }
-    axes = make_axes(tokenizer, ids, splits, examples, groups, obj, sides["forget"].ids, list(slices),
-                     effects.answer_tokens, effects.g_effect_token.shape[1])
-    return effects_dataset(effects, axes, step=step, attrs=attrs)
+
+class Measurement:
+    """One G-effect measurement set up once and taken at any parameters: the objective resolved for the model,
+    the forget (and retain) samples and the targets encoded, the reference quantities cached on first use.
+
+    :func:`g_effect` takes it once; :class:`geffect_lab.recorder.GEffectRecorder` takes it at every step of
+    someone else's training loop, on the same coordinates."""
+
+    def __init__(self, model, tokenizer, objective="ga", params: Mapping[str, Any] | None = None, *,
+                 forget: Sequence, targets, retain: Sequence | None = None, refusals: Sequence[str] | None = None,
+                 template=None):
+        obj = resolve_objective(objective, params)
+        self.objective = type(obj)(resolve_layers(model, obj.terms))
+        self.groups = layer_groups(model)
+        self.tokenizer = tokenizer
+        roles = {t.spec.role for t in self.objective.terms}
+        needs_alt = "alt" in self.objective.forget_term.spec.needs
+        if needs_alt and refusals is None:
+            from ..data import load_world
+
+            refusals = load_world().refusals
+        forget = list(forget) if forget is not None else []
+        self.sides = {"forget": encode_side(tokenizer, forget, refusals=refusals, need_alt=needs_alt,
+                                            template=template)}
+        if "retain" in roles:
+            if not retain:
+                regs = ", ".join(t.name for t in self.objective.terms if t.spec.role == "retain")
+                raise ObjectiveError(f"the regulariser(s) {regs} need retain samples: pass retain=[...]")
+            self.sides["retain"] = encode_side(tokenizer, list(retain), template=template, role="retain")
+        self.batch, self.ids, self.splits, self.examples, self.slices = prepare_targets(tokenizer, targets, template)
+        self.reference = None
+
+    def set_reference(self, reference) -> None:
+        """Compute (and cache on the sides) what the objective needs from the frozen ``reference`` model, before
+        any engine pass hooks a model. Later measurements read the cache, so ``reference`` may be the very model
+        that is then trained: its quantities are those of the moment this was called."""
+        for side in self.sides.values():
+            side.ref.clear()
+        with torch.no_grad(), eval_mode(reference):
+            for term in self.objective.terms:
+                reference_quantities(reference, self.sides[term.spec.role], term.spec.needs,
+                                     term.params.get("layer"))
+        self.reference = reference
+
+    def effects(self, model, *, engine: str = "fast", per_token: bool = True, pg: bool = True,
+                chunk_size: int | None = 16, extra=()):
+        """The engine's :class:`~geffect_lab.engine.core.Effects` at the model's current parameters."""
+        if self.reference is None:
+            raise RuntimeError("call set_reference(model) first (the reference quantities are taken then)")
+        if engine == "fast":
+            return fast_effects(model, self.groups, self.objective, self.sides, self.reference, self.batch, self.ids,
+                                self.slices, chunk_size=chunk_size, per_token=per_token, pg=pg, extra=extra)
+        if extra:
+            raise ValueError("extra directions are a fast-engine feature")
+        return reference_effects(model, self.groups, self.objective, self.sides, self.reference, self.batch,
+                                 self.ids, self.slices, chunk_size=chunk_size, per_token=per_token, pg=pg)
+
+    def dataset(self, model, effects, step: int, data=None, engine: str = "fast") -> xr.Dataset:
+        """A one-step Dataset from :meth:`effects`, with ``data`` (e.g. ``learning_rate``) added."""
+        obj = self.objective
+        attrs = {"objective": obj.name, "objective_params": obj.params(), "objective_repr": repr(obj),
+                 "engine": engine, "package_version": __version__, "reference": "given", **model_description(model)}
+        axes = make_axes(self.tokenizer, self.ids, self.splits, self.examples, self.groups, obj,
+                         self.sides["forget"].ids, list(self.slices), effects.answer_tokens,
+                         effects.g_effect_token.shape[1])
+        return effects_dataset(effects, axes, step=step, attrs=attrs, data=data)
+
+    def measure(self, model, step: int = 0, engine: str = "fast", data=None, **kwargs) -> xr.Dataset:
+        """:meth:`effects` as a one-step Dataset."""
+        return self.dataset(model, self.effects(model, engine=engine, **kwargs), step, data, engine)
 
 
 def make_axes(tokenizer, ids, splits, examples, groups, objective, sample_ids, against, answer_tokens, width):
