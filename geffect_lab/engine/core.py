@@ -129,7 +129,8 @@ def fast_effects(model, groups: LayerGroups, objective: Objective, sides: dict[s
     n_terms = len(grads)
     g_eff = np.zeros((n, len(groups.names), n_terms + len(extra)))
     risks = np.zeros(n)
-    token_rows: list[np.ndarray] = []
+    tok_eff = _empty_tokens(n, targets)
+    lengths = targets["attention_mask"].sum(1)
     ghost = GhostPass(model, groups, list(grads) + list(extra), propagate=range(n_terms) if per_token else False)
     # With the PG-effect asked for, the same backward also yields each target set's risk gradient (chunks
     # never straddle two sets), so the PG-effect costs one more pass over the forget samples only.
@@ -138,23 +139,26 @@ def fast_effects(model, groups: LayerGroups, objective: Objective, sides: dict[s
     for set_slice in target_sets.values() if pg else [slice(0, n)]:
         acc: dict[int, torch.Tensor] = {}
         size = set_slice.stop - set_slice.start
-        part_set = {k: v[set_slice] for k, v in targets.items()}
+        # rows sorted by length, so that each chunk is padded only to its own longest row
+        order = set_slice.start + torch.argsort(lengths[set_slice], stable=True)
+        part_set = {k: v[order] for k, v in targets.items()}
         for rows, part in chunks(part_set, chunk_size):
-            rows = slice(set_slice.start + rows.start, set_slice.start + rows.stop)
+            idx = order[rows].numpy()
 
             def fn(part=part):
                 risk, nll, mask = risk_and_tokens(model, part)
                 return risk, (nll, mask)
 
-            res = ghost.run(fn, rows.stop - rows.start, param_grads=pg)
+            res = ghost.run(fn, len(idx), param_grads=pg)
             risk, (_, mask), tangents = res.outputs
-            _check_finite("risk", risk, target_ids[rows])
-            g_eff[rows] = res.contrib.double().cpu().numpy()
-            risks[rows] = risk.double().cpu().numpy()
+            _check_finite("risk", risk, [target_ids[i] for i in idx])
+            g_eff[idx] = res.contrib.double().cpu().numpy()
+            risks[idx] = risk.double().cpu().numpy()
             if per_token:
                 tok = tangents[0].double().cpu().numpy()
                 tok[(mask == 0).cpu().numpy()] = np.nan
-                token_rows.extend(tok)
+                width = min(tok.shape[1], tok_eff.shape[1])
+                tok_eff[idx, :width] = tok[:, :width]
             if pg:
                 for k, g in res.param_grads.items():
                     if k in acc:
@@ -163,9 +167,8 @@ def fast_effects(model, groups: LayerGroups, objective: Objective, sides: dict[s
                         acc[k] = g.div_(size)
         set_grads.append(acc)
     pg_eff = _fast_pg(model, groups, objective, sides, reference, set_grads) if pg else None
-    return Effects(g_eff[..., :n_terms], _pad_tokens(token_rows, targets) if per_token else _empty_tokens(n, targets),
-                   risks, _token_count(targets), pg_eff, gradient.term_loss, gradient.sample_loss,
-                   _answer_tokens(targets), extra=g_eff[..., n_terms:] if extra else None,
+    return Effects(g_eff[..., :n_terms], tok_eff, risks, _token_count(targets), pg_eff, gradient.term_loss,
+                   gradient.sample_loss, _answer_tokens(targets), extra=g_eff[..., n_terms:] if extra else None,
                    sample_weight=gradient.sample_weight)
 
 
@@ -190,15 +193,6 @@ def _empty_tokens(n, targets):
     return np.full((n, max(int(_token_count(targets).max()), 1)), np.nan)
 
 
-def _pad_tokens(rows: list[np.ndarray], targets) -> np.ndarray:
-    width = max(int(_token_count(targets).max()), 1)
-    out = np.full((len(rows), width), np.nan)
-    for i, r in enumerate(rows):
-        k = min(len(r), width)
-        out[i, :k] = r[:k]
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- oracle
 def _dot_by_group(groups: LayerGroups, grads: Sequence[torch.Tensor | None], params, direction, dtype):
     out = torch.zeros(len(groups.names), dtype=dtype)
@@ -214,8 +208,8 @@ def reference_effects(model, groups: LayerGroups, objective: Objective, sides: d
                       targets: dict[str, torch.Tensor], target_ids: list[str], target_sets: dict[str, slice],
                       chunk_size: int | None = 16, per_token: bool = True, pg: bool = True) -> Effects:
     """The oracle: per instance (and per token, per sample) an ordinary full-size gradient, dotted with the
-    term gradients layer by layer. Slow by design; same chunks as the fast engine so both see the same
-    batch encodings."""
+    term gradients layer by layer. Slow by design. Rows are chunked in their given order (the fast engine sorts
+    them by length first); padding never changes a row's values."""
     gradient = term_gradients(model, objective, sides, reference)
     grads, total = gradient.grads, gradient.total()
     dtype = accumulation_dtype(model)

@@ -103,6 +103,7 @@ class GhostPass:
         self.propagate = bool(self.tangent_dirs)
         self.acc_dtype = accumulation_dtype(model)
         self._busy = False
+        self._linear_norm: dict[int, bool] = {}
         self._acc: torch.Tensor | None = None
         # modules that own parameters directly, with (param name, param, group) for each
         self._owners: list[tuple[nn.Module, list[tuple[str, nn.Parameter, int]]]] = []
@@ -138,9 +139,41 @@ class GhostPass:
             elif isinstance(module, nn.Embedding) and names == {"weight"}:
                 ids = args[0] if args else kwargs["input"]
                 out[g] = F.embedding(ids, grads["weight"], module.padding_idx)
+            elif self._is_linear_norm(module, grads, args, kwargs):
+                out[g] = self._evaluate_with(module, grads, args, kwargs)
             else:
                 out[g] = self._local_jvp(module, params, grads, args, kwargs)
         return out
+
+    def _evaluate_with(self, module, values, args, kwargs):
+        """The module's output with its own parameters set to ``values`` (the others to zero), no autograd."""
+        params = {n: torch.zeros_like(p) for n, p in module._parameters.items() if p is not None}
+        params.update(values)
+        self._busy = True
+        try:
+            with torch.no_grad():
+                return torch.func.functional_call(module, params, args, kwargs, strict=False)
+        finally:
+            self._busy = False
+
+    def _is_linear_norm(self, module, grads, args, kwargs) -> bool:
+        """Norm layers (LayerNorm, RMSNorm, …) scale and shift the normalised input by their parameters, so their
+        output is linear in them and the tangent along G is the layer evaluated with G as its parameters, a plain
+        forward instead of a forward-mode jvp. Checked once per module on the first direction: y(2G) = 2·y(G)
+        exactly and y(0) = 0 (a variant like Gemma's ``(1 + w)`` fails it and keeps the jvp)."""
+        key = id(module)
+        if key not in self._linear_norm:
+            ok = "Norm" in type(module).__name__ and all(p.dim() == 1 for p in module._parameters.values()
+                                                          if p is not None)
+            if ok:
+                y1 = tree_flatten(self._evaluate_with(module, grads, args, kwargs))[0]
+                y2 = tree_flatten(self._evaluate_with(module, {n: 2 * v for n, v in grads.items()}, args, kwargs))[0]
+                y0 = tree_flatten(self._evaluate_with(module, {n: torch.zeros_like(v) for n, v in grads.items()},
+                                                      args, kwargs))[0]
+                ok = all(torch.equal(b, 2 * a) and not c.any() for a, b, c in zip(y1, y2, y0)
+                         if isinstance(a, torch.Tensor))
+            self._linear_norm[key] = ok
+        return self._linear_norm[key]
 
     def _local_jvp(self, module, params, grads, args, kwargs):
         """Forward-mode jvp of the module with respect to its own parameters (inputs held fixed)."""

@@ -145,3 +145,64 @@ def test_bfloat16_model_runs_and_agrees_roughly(target, world):
     e_full = full.g_effect.sum(["layer", "term"]).values
     e_half = half.g_effect.sum(["layer", "term"]).values
     assert np.corrcoef(e_full.ravel(), e_half.ravel())[0, 1] > 0.95
+
+
+@pytest.mark.parametrize("pg", [True, False])
+def test_chunking_and_instance_order_change_nothing(pg, tokenizer, tiny_gpt2, tiny_sets):
+    """The fast engine sorts rows by length within each chunked pass and puts them back: any chunk size and any
+    order of the targets give each instance the same numbers (float64)."""
+    sets = tiny_sets
+    kw = dict(objective="npo", forget=sets["forget"], pg=pg)
+    whole = gl.g_effect(tiny_gpt2, tokenizer, targets=sets["targets"], chunk_size=None, **kw)
+    flipped = {k: v[::-1] for k, v in sets["targets"].items()}
+    for chunk in (1, 2, 5):
+        got = gl.g_effect(tiny_gpt2, tokenizer, targets=flipped, chunk_size=chunk, **kw).sel(instance=whole.instance)
+        assert list(got.instance.values) == list(whole.instance.values)
+        for var in ("g_effect", "g_effect_token", "risk"):
+            assert relative_error(got[var].values, whole[var].values) <= 1e-12, (chunk, var)
+        if pg:
+            assert relative_error(got.pg_effect.values, whole.pg_effect.values) <= 1e-12
+
+
+class OffsetRMSNorm(torch.nn.Module):
+    """A Gemma-style norm, ``x̂ · (1 + w)``: affine but not linear in its weight, so the engine must not take the
+    norm shortcut (the layer evaluated with the direction as its weight) and falls back to a local jvp."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(0.1 * torch.randn(d, dtype=torch.float64))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
+
+
+class Gate(torch.nn.Module):
+    """Any other module with parameters: a learnable elementwise gate, tanh(a)·x."""
+
+    def __init__(self, inner, d: int):
+        super().__init__()
+        self.inner, self.a = inner, torch.nn.Parameter(torch.randn(d, dtype=torch.float64))
+
+    def forward(self, x):
+        return torch.tanh(self.a) * self.inner(x)
+
+
+def test_norm_shortcut_and_the_jvp_fallback_are_both_exact(tokenizer, tiny_sets):
+    torch.manual_seed(3)
+    model = tiny_model("llama", len(tokenizer))
+    d = model.config.hidden_size
+    for layer in model.model.layers:
+        layer.post_attention_layernorm = OffsetRMSNorm(d)
+        layer.mlp = Gate(layer.mlp, d)
+    fast, ref = _both(model, tokenizer, tiny_sets, "npo+gd", per_token=False)
+    assert relative_error(fast.g_effect, ref.g_effect) <= 1e-9
+    assert abs(fast.g_effect.sel(layer="layers.1")).max() > 0
+    # which modules took which path
+    from geffect_lab.engine.ghost import GhostPass
+
+    direction = {id(p): torch.randn_like(p) for p in model.parameters()}
+    ghost = GhostPass(model, gl.layer_groups(model), [direction])
+    batch = gl.encode(tokenizer, tiny_sets["forget"])
+    ghost.run(lambda: (model(input_ids=batch["input_ids"]).logits.sum((1, 2)), ()), len(tiny_sets["forget"]))
+    kinds = {type(m).__name__: ghost._linear_norm[id(m)] for m in model.modules() if id(m) in ghost._linear_norm}
+    assert kinds == {"LlamaRMSNorm": True, "OffsetRMSNorm": False, "Gate": False}
