@@ -53,6 +53,11 @@ def eval_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters that require grad, each once (tied weights are one parameter), in model order."""
+    return [p for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad]
+
+
 @contextmanager
 def swapped_parameters(params: Sequence[torch.nn.Parameter], values: Sequence[torch.Tensor]) -> Iterator[None]:
     """Hold ``values`` in ``params`` (their ``.data`` swapped, no copy) for the block, and swap back."""

@@ -30,18 +30,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-import torch
 import xarray as xr
 
-from ._batching import swapped_parameters, update_direction
+from ._batching import swapped_parameters, trainable_parameters, update_direction
 from .engine.api import Measurement
 from .results import annotate, flat_attrs
 
 __all__ = ["GEffectRecorder"]
-
-
-def _trainable(model) -> list[torch.nn.Parameter]:
-    return list({id(p): p for p in model.parameters() if p.requires_grad}.values())
 
 
 class GEffectRecorder:
@@ -79,6 +74,9 @@ class GEffectRecorder:
         self.tokenizer = tokenizer
         self._spec = dict(objective=objective, params=params, forget=list(forget), targets=targets,
                           retain=retain, refusals=refusals, template=template)
+        self._initial = isinstance(reference, str)
+        if self._initial and reference != "initial":
+            raise ValueError(f"reference={reference!r}: use 'initial' (the model at the first record) or a model")
         self._reference = reference
         self.per_token, self.pg, self.every, self.chunk_size = per_token, pg, every, chunk_size
         self._measurement: Measurement | None = None
@@ -92,8 +90,8 @@ class GEffectRecorder:
     def _ready(self, model) -> Measurement:
         if self._measurement is None:
             m = Measurement(model, self.tokenizer, **self._spec)
-            m.set_reference(model if isinstance(self._reference, str) and self._reference == "initial"
-                            else self._reference)
+            m.set_reference(model if self._initial else self._reference,
+                            label="initial model" if self._initial else "given")
             self._measurement = m
         return self._measurement
 
@@ -123,7 +121,7 @@ class GEffectRecorder:
         if not self.due(step):
             yield
             return
-        params = _trainable(model)
+        params = trainable_parameters(model)
         before = [p.detach().clone() for p in params]
         yield
         direction = update_direction(params, before, lr)
@@ -142,8 +140,7 @@ class GEffectRecorder:
         ds = annotate(xr.concat(self._steps, dim="step", data_vars="minimal", coords="minimal", compat="override",
                                 join="override", combine_attrs="override"))
         ds.attrs.update(flat_attrs({"recorded_by": "GEffectRecorder", "record_every": self.every,
-                                    "reference": "initial model" if isinstance(self._reference, str)
-                                    else "given", "complete": 1}))
+                                    "complete": 1}))
         return ds
 
     # ------------------------------------------------------------------ HF Trainer

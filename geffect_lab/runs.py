@@ -28,7 +28,7 @@ import torch
 import xarray as xr
 
 from . import __version__
-from ._batching import eval_mode, swapped_parameters, update_direction
+from ._batching import eval_mode, swapped_parameters, trainable_parameters, update_direction
 from .data import encode, example_field, example_id, load_world, spread
 from .engine.api import make_axes, model_description, prepare_targets
 from .engine.core import fast_effects, term_gradients
@@ -356,7 +356,7 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
     if reference is None and needs_ref:
         reference = copy.deepcopy(model) if inplace else model  # the caller's untouched model is the reference
     groups = layer_groups(work)
-    params_list = [p for p in {id(p): p for p in work.parameters()}.values() if p.requires_grad]
+    params_list = trainable_parameters(work)
     if not params_list:
         raise ObjectiveError("no parameter of the model requires grad: nothing to unlearn")
     opt = _optimizer(optimizer, params_list, lr, weight_decay)

@@ -90,10 +90,9 @@ def g_effect(model, tokenizer, objective="ga", params: Mapping[str, Any] | None 
         raise ValueError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
     m = Measurement(model, tokenizer, objective, params, forget=forget, targets=targets, retain=retain,
                     refusals=refusals, template=template)
-    m.set_reference(model if reference is None else reference)
-    ds = m.measure(model, step=step, engine=engine, per_token=per_token, pg=pg, chunk_size=chunk_size)
-    ds.attrs["reference"] = "initial model" if reference is None else "given"
-    return ds
+    m.set_reference(model if reference is None else reference,
+                    label="initial model" if reference is None else "given")
+    return m.measure(model, step=step, engine=engine, per_token=per_token, pg=pg, chunk_size=chunk_size)
 
 
 class Measurement:
@@ -126,18 +125,20 @@ class Measurement:
             self.sides["retain"] = encode_side(tokenizer, list(retain), template=template, role="retain")
         self.batch, self.ids, self.splits, self.examples, self.slices = prepare_targets(tokenizer, targets, template)
         self.reference = None
+        self.reference_label = ""
 
-    def set_reference(self, reference) -> None:
+    def set_reference(self, reference, label: str = "given") -> None:
         """Compute (and cache on the sides) what the objective needs from the frozen ``reference`` model, before
         any engine pass hooks a model. Later measurements read the cache, so ``reference`` may be the very model
-        that is then trained: its quantities are those of the moment this was called."""
+        that is then trained: its quantities are those of the moment this was called. ``label`` goes into the
+        Dataset's ``reference`` attribute."""
         for side in self.sides.values():
             side.ref.clear()
         with torch.no_grad(), eval_mode(reference):
             for term in self.objective.terms:
                 reference_quantities(reference, self.sides[term.spec.role], term.spec.needs,
                                      term.params.get("layer"))
-        self.reference = reference
+        self.reference, self.reference_label = reference, label
 
     def effects(self, model, *, engine: str = "fast", per_token: bool = True, pg: bool = True,
                 chunk_size: int | None = 16, extra=()):
@@ -156,7 +157,8 @@ class Measurement:
         """A one-step Dataset from :meth:`effects`, with ``data`` (e.g. ``learning_rate``) added."""
         obj = self.objective
         attrs = {"objective": obj.name, "objective_params": obj.params(), "objective_repr": repr(obj),
-                 "engine": engine, "package_version": __version__, "reference": "given", **model_description(model)}
+                 "engine": engine, "package_version": __version__, "reference": self.reference_label,
+                 **model_description(model)}
         axes = make_axes(self.tokenizer, self.ids, self.splits, self.examples, self.groups, obj,
                          self.sides["forget"].ids, list(self.slices), effects.answer_tokens,
                          effects.g_effect_token.shape[1])

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .._batching import chunks, eval_mode
+from .._batching import chunks, eval_mode, trainable_parameters
 from ..objectives import Objective, ObjectiveError
 from .forward import Side, objective_inputs, risk_and_tokens
 from .ghost import GhostPass, accumulation_dtype, engine_mode
@@ -53,19 +53,10 @@ class Effects:
     sample_weight: np.ndarray | None = None
 
 
-def _params(model) -> list[torch.nn.Parameter]:
-    seen, out = set(), []
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
-
-
 def term_gradients(model, objective: Objective, sides: dict[str, Side], reference) -> ObjectiveGradient:
     """∇(weight · mean_j ℓ_j) of every term, the term losses and the forget term's per-sample losses (and
     weights). One ordinary forward+backward per term, in eval mode, ``.grad`` untouched."""
-    params = [p for p in _params(model) if p.requires_grad]
+    params = trainable_parameters(model)
     if not params:
         raise ObjectiveError("no parameter of the model requires grad; the G-effect is taken over the "
                              "trainable parameters")
@@ -87,7 +78,7 @@ def term_gradients(model, objective: Objective, sides: dict[str, Side], referenc
 
 def risk_gradient(model, batch, chunk_size: int | None) -> dict[int, torch.Tensor]:
     """∇ of the mean risk over all rows of ``batch`` (one full-size gradient, accumulated over chunks)."""
-    params = [p for p in _params(model) if p.requires_grad]
+    params = trainable_parameters(model)
     n = batch["input_ids"].shape[0]
     total = [torch.zeros_like(p) for p in params]
     with eval_mode(model), torch.enable_grad():
@@ -213,7 +204,7 @@ def reference_effects(model, groups: LayerGroups, objective: Objective, sides: d
     gradient = term_gradients(model, objective, sides, reference)
     grads, total = gradient.grads, gradient.total()
     dtype = accumulation_dtype(model)
-    params = [p for p in _params(model) if p.requires_grad]
+    params = trainable_parameters(model)
     n = targets["input_ids"].shape[0]
     width = max(int(_token_count(targets).max()), 1)
     g_eff = np.zeros((n, len(groups.names), len(grads)))

@@ -139,8 +139,8 @@ class GhostPass:
             elif isinstance(module, nn.Embedding) and names == {"weight"}:
                 ids = args[0] if args else kwargs["input"]
                 out[g] = F.embedding(ids, grads["weight"], module.padding_idx)
-            elif self._is_linear_norm(module, grads, args, kwargs):
-                out[g] = self._evaluate_with(module, grads, args, kwargs)
+            elif (tangent := self._linear_norm_tangent(module, grads, args, kwargs)) is not None:
+                out[g] = tangent
             else:
                 out[g] = self._local_jvp(module, params, grads, args, kwargs)
         return out
@@ -156,24 +156,28 @@ class GhostPass:
         finally:
             self._busy = False
 
-    def _is_linear_norm(self, module, grads, args, kwargs) -> bool:
-        """Norm layers (LayerNorm, RMSNorm, …) scale and shift the normalised input by their parameters, so their
-        output is linear in them and the tangent along G is the layer evaluated with G as its parameters, a plain
-        forward instead of a forward-mode jvp. Checked once per module on the first direction: y(2G) = 2·y(G)
-        exactly and y(0) = 0 (a variant like Gemma's ``(1 + w)`` fails it and keeps the jvp)."""
+    def _linear_norm_tangent(self, module, grads, args, kwargs):
+        """The tangent of a norm layer (LayerNorm, RMSNorm, …) along G, or None for any other module. Norms scale
+        and shift the normalised input by their parameters, so their output is linear in them and the tangent is
+        the layer evaluated with G as its parameters: a plain forward instead of a forward-mode jvp. Checked once
+        per module on the first direction: y(2G) = 2·y(G) exactly and y(0) = 0 (a variant like Gemma's
+        ``(1 + w)`` fails it and keeps the jvp)."""
         key = id(module)
-        if key not in self._linear_norm:
-            ok = "Norm" in type(module).__name__ and all(p.dim() == 1 for p in module._parameters.values()
-                                                          if p is not None)
-            if ok:
-                y1 = tree_flatten(self._evaluate_with(module, grads, args, kwargs))[0]
-                y2 = tree_flatten(self._evaluate_with(module, {n: 2 * v for n, v in grads.items()}, args, kwargs))[0]
-                y0 = tree_flatten(self._evaluate_with(module, {n: torch.zeros_like(v) for n, v in grads.items()},
-                                                      args, kwargs))[0]
-                ok = all(torch.equal(b, 2 * a) and not c.any() for a, b, c in zip(y1, y2, y0)
-                         if isinstance(a, torch.Tensor))
-            self._linear_norm[key] = ok
-        return self._linear_norm[key]
+        known = self._linear_norm.get(key)
+        if known is False:
+            return None
+        if known is None and not ("Norm" in type(module).__name__
+                                  and all(p.dim() == 1 for p in module._parameters.values() if p is not None)):
+            self._linear_norm[key] = False
+            return None
+        y = self._evaluate_with(module, grads, args, kwargs)
+        if known is None:
+            y2 = self._evaluate_with(module, {n: 2 * v for n, v in grads.items()}, args, kwargs)
+            y0 = self._evaluate_with(module, {n: torch.zeros_like(v) for n, v in grads.items()}, args, kwargs)
+            self._linear_norm[key] = all(torch.equal(b, 2 * a) and not c.any() for a, b, c in
+                                         zip(tree_flatten(y)[0], tree_flatten(y2)[0], tree_flatten(y0)[0])
+                                         if isinstance(a, torch.Tensor))
+        return y if self._linear_norm[key] else None
 
     def _local_jvp(self, module, params, grads, args, kwargs):
         """Forward-mode jvp of the module with respect to its own parameters (inputs held fixed)."""
