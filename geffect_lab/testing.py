@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-__all__ = ["tiny_model", "relative_error", "float64_exact_norms"]
+__all__ = ["tiny_model", "relative_error", "float64_exact_norms", "reorder_tolerance", "assert_effects_close"]
 
 
 def tiny_model(arch: str = "llama", vocab_size: int = 1024, *, hidden: int = 32, layers: int = 2, seed: int = 0,
@@ -62,6 +62,33 @@ def relative_error(actual, expected) -> float:
     a, b = np.nan_to_num(a), np.nan_to_num(b)
     scale = np.abs(b).max()
     return float(np.abs(a - b).max() / scale) if scale > 0 else float(np.abs(a - b).max())
+
+
+def reorder_tolerance(dtype: torch.dtype = torch.float64, ulps: int = 64) -> float:
+    """The relative tolerance for one quantity computed by two paths that sum in a different order (rows batched
+    differently, a different BLAS kernel on another CPU): ``ulps`` units of the dtype's machine epsilon. Paths
+    that compute in a different order never agree bitwise on every machine; compare them with this."""
+    return ulps * torch.finfo(dtype).eps
+
+
+def assert_effects_close(actual, expected, rtol: float = 1e-9, name: str = "values") -> None:
+    """Assert ``relative_error(actual, expected) <= rtol``; on failure name the worst entry by its coordinates
+    (instance × layer × term for a G-effect) with both values. Hidden from pytest's tracebacks."""
+    __tracebackhide__ = True
+    err = relative_error(actual, expected)
+    if err <= rtol:
+        return
+    a = np.nan_to_num(np.asarray(getattr(actual, "values", actual), dtype=np.float64))
+    b = np.nan_to_num(np.asarray(getattr(expected, "values", expected), dtype=np.float64))
+    worst = np.unravel_index(int(np.abs(a - b).argmax()), a.shape)
+    dims = getattr(actual, "dims", tuple(f"axis{i}" for i in range(a.ndim)))
+    where = []
+    for dim, i in zip(dims, worst):
+        coords = getattr(actual, "coords", {})
+        label = coords[dim].values[i] if dim in coords else i
+        where.append(f"{dim}={label}")
+    raise AssertionError(f"{name}: relative error {err:.3g} > {rtol:.3g}; worst at {', '.join(where)}: "
+                         f"{a[worst]!r} vs {b[worst]!r}")
 
 
 @contextmanager

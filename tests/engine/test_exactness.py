@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import geffect_lab as gl
-from geffect_lab.testing import float64_exact_norms, relative_error, tiny_model
+from geffect_lab.testing import float64_exact_norms, relative_error, reorder_tolerance, tiny_model
 
 OBJECTIVES = ["ga", "wga", "npo", "simnpo", "tnpo", "wtnpo", "po", "dpo", "rmu", "npo+gd", "ga+kl", "rmu+0.5*rr"]
 
@@ -25,7 +25,9 @@ def test_fast_matches_the_reference_loop(arch, objective, tokenizer, tiny_llama,
     fast, ref = _both(model, tokenizer, tiny_sets, objective)
     assert relative_error(fast.g_effect, ref.g_effect) <= 1e-9
     assert relative_error(fast.pg_effect, ref.pg_effect) <= 1e-9
-    assert np.array_equal(fast.risk, ref.risk)
+    # the two paths batch rows differently (the fast one sorts by length), so the risks may differ in the last
+    # bits depending on the CPU's kernels (AVX2 or not): a dtype-derived tolerance, never bitwise equality
+    assert relative_error(fast.risk, ref.risk) <= reorder_tolerance(torch.float64)
     # HF's Llama runs RMSNorm and the eager softmax in float32 even in a float64 model; forward-mode tangents
     # (fast) and reverse-mode gradients (oracle) round differently there, so Llama's token G-effects agree
     # to ~1e-8. GPT-2 has no such casts; the float64-clean Llama test below shows the engine itself is exact.
