@@ -17,6 +17,23 @@ def model_device(model: torch.nn.Module) -> torch.device:
         return next(model.parameters()).device
 
 
+def check_device(device) -> torch.device:
+    """``device`` parsed and checked to exist on this machine, or one error naming it and what does exist."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r} is not a device name; use 'cpu', 'cuda', 'cuda:1', 'mps'") from err
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (dev.index is not None and dev.index >= n):
+            have = f" (cuda:0 … cuda:{n - 1})" if n else ""
+            raise ValueError(f"device={device!r} does not exist here: this machine has {n} CUDA device(s){have}; "
+                             "use 'cpu'")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"device={device!r} does not exist here (no Apple GPU); use 'cpu'")
+    return dev
+
+
 def trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop the padding columns that every row of a right-padded batch shares."""
     width = int(batch["attention_mask"].sum(1).max())

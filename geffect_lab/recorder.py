@@ -33,7 +33,7 @@ from typing import Any
 import xarray as xr
 
 from ._batching import swapped_parameters, trainable_parameters, update_direction
-from .engine.api import Measurement
+from .engine.api import Measurement, check_verify
 from .results import annotate, flat_attrs
 
 __all__ = ["GEffectRecorder"]
@@ -63,17 +63,19 @@ class GEffectRecorder:
         Record at steps ``0, every, 2·every, …``; :meth:`record` ignores other steps.
     chunk_size:
         Target instances per engine pass (bounds memory).
+    verify:
+        As in :func:`geffect_lab.g_effect`: the first record checks the engine against one plain backward.
     """
 
     def __init__(self, tokenizer, objective="ga", params: Mapping[str, Any] | None = None, *, forget: Sequence,
                  targets, retain: Sequence | None = None, refusals: Sequence[str] | None = None,
                  reference="initial", per_token: bool = True, pg: bool = False, every: int = 1,
-                 chunk_size: int | None = 16, template=None):
+                 chunk_size: int | None = 16, template=None, verify: str = "first"):
         if every < 1:
             raise ValueError(f"every={every}: record at least every step (every >= 1)")
         self.tokenizer = tokenizer
         self._spec = dict(objective=objective, params=params, forget=list(forget), targets=targets,
-                          retain=retain, refusals=refusals, template=template)
+                          retain=retain, refusals=refusals, template=template, verify=check_verify(verify))
         self._initial = isinstance(reference, str)
         if self._initial and reference != "initial":
             raise ValueError(f"reference={reference!r}: use 'initial' (the model at the first record) or a model")

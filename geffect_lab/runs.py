@@ -30,9 +30,9 @@ import xarray as xr
 from . import __version__
 from ._batching import eval_mode, swapped_parameters, trainable_parameters, update_direction
 from .data import encode, example_field, example_id, load_world, spread
-from .engine.api import make_axes, model_description, prepare_targets
+from .engine.api import check_verify, make_axes, model_description, prepare_targets
 from .engine.core import fast_effects, term_gradients
-from .engine.forward import encode_side, reference_quantities, resolve_layers, risk_and_tokens
+from .engine.forward import check_fits, encode_side, reference_quantities, resolve_layers, risk_and_tokens
 from .engine.groups import layer_groups
 from .objectives import Objective, ObjectiveError, resolve_objective
 from .results import DIMS, make_dataset, save
@@ -266,7 +266,7 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
             progress: bool = True, template=None, eval_every: int | None = None, retain_model="auto",
             retain_reference=None, max_new_tokens: int | None = None, attribute_at: Sequence[int] | None = None,
             attribute_methods: Sequence[str] = ("integrated_gradients", "feature_ablation"),
-            attribute_n_steps: int = 32) -> xr.Dataset:
+            attribute_n_steps: int = 32, verify: str = "first") -> xr.Dataset:
     """Run an unlearning objective and record its G-effects step by step.
 
     Parameters
@@ -317,6 +317,8 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
         raise ValueError(f"cannot record {sorted(unknown)}; choose from {', '.join(RECORD_ALL)}")
     if record_every < 1:
         raise ValueError("record_every must be 1 or more")
+    check_verify(verify)
+    verified = False
     out_path = _check_writable(out) if out is not None else None
     if save_every is not None and out_path is None:
         raise ValueError("save_every needs out= (the file to write the partial results to)")
@@ -385,6 +387,14 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
 
     # ---- the evaluation instances and the Dataset's axes
     targets, ids, splits, examples, slices = prepare_targets(tokenizer, eval_sets, template)
+    check_fits(work, targets, ids, "eval")
+    for role, examples_ in (("forget", forget_examples), ("retain", train_retain if retain_stream else [])):
+        if examples_:
+            side = encode_side(tokenizer, examples_, refusals=refusals, need_alt=needs_alt and role == "forget",
+                               template=template, role=role)
+            check_fits(work, side.batch, side.ids, role)
+            if side.alt is not None:
+                check_fits(work, side.alt, side.ids, f"{role} (with its refusal answer)")
     token_count = (targets["labels"][:, 1:] != -100).sum(1).numpy()
     width = max(int(token_count.max()), 1)
     sample_ids = [example_id(e, i) for i, e in enumerate(forget_examples)]
@@ -481,8 +491,11 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
             with at_theta_t:
                 effects = fast_effects(work, groups, obj, sides, reference, targets, ids, slices,
                                        chunk_size=chunk_size, per_token="g_effect_token" in record,
-                                       pg="pg_effect" in record, gradient=gradient, extra=extra) if measure \
+                                       pg="pg_effect" in record, gradient=gradient, extra=extra,
+                                       verify=verify == "always" or (verify == "first" and not verified)
+                                       ) if measure \
                     else None
+                verified = verified or measure
                 risks = effects.risk if effects is not None else _risks(work, targets, chunk_size)
             if theta_t is None:
                 opt.step()

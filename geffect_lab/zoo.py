@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ._batching import check_device
 from .data import data_dir, encode, load_world
 
 __all__ = ["ZooEntry", "Recipe", "ZOO", "list", "load", "build", "zoo_dir", "make_model", "train",
@@ -107,6 +108,8 @@ def load(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, d
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if device is not None:
+        check_device(device)
     name = str(name_or_path)
     if name in ZOO:
         path = zoo_dir() / name

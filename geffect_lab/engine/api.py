@@ -14,12 +14,20 @@ from ..data import encode, example_field, example_id
 from ..objectives import ObjectiveError, resolve_objective
 from ..results import Axes, effects_dataset
 from .core import fast_effects, reference_effects
-from .forward import encode_side, reference_quantities, resolve_layers
+from .forward import check_fits, encode_side, reference_quantities, resolve_layers
 from .groups import layer_groups
 
 __all__ = ["g_effect", "Measurement", "prepare_targets", "model_description", "make_axes"]
 
 ENGINES = ("fast", "reference")
+VERIFY = ("first", "always", "never")
+
+
+def check_verify(verify: str) -> str:
+    if verify not in VERIFY:
+        raise ValueError(f"verify={verify!r} is not valid; use 'first' (check the fast engine against one plain "
+                         "backward on the first measurement, the default), 'always' or 'never'")
+    return verify
 
 
 def model_description(model) -> dict[str, Any]:
@@ -28,6 +36,8 @@ def model_description(model) -> dict[str, Any]:
         "model_name": str(getattr(cfg, "_name_or_path", "") or type(model).__name__),
         "model_type": str(getattr(cfg, "model_type", type(model).__name__)),
         "model_parameters": int(sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())),
+        "trainable_parameters": int(sum(p.numel() for p in {id(p): p for p in model.parameters()
+                                                             if p.requires_grad}.values())),
         "model_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
     }
 
@@ -57,7 +67,8 @@ def prepare_targets(tokenizer, targets, template=None):
 def g_effect(model, tokenizer, objective="ga", params: Mapping[str, Any] | None = None, *, forget: Sequence,
              targets, retain: Sequence | None = None, reference=None, engine: str = "fast",
              refusals: Sequence[str] | None = None, per_token: bool = True, pg: bool = True,
-             chunk_size: int | None = 16, template=None, step: int = 0) -> xr.Dataset:
+             chunk_size: int | str | None = 16, template=None, step: int = 0, verify: str = "first"
+             ) -> xr.Dataset:
     """G-effects of an unlearning objective at the model's current parameters (one ``step``).
 
     Parameters
@@ -80,7 +91,13 @@ def g_effect(model, tokenizer, objective="ga", params: Mapping[str, Any] | None 
     per_token, pg:
         Also measure per-token G-effects (``g_effect_token``) and the PG-effect per forget sample.
     chunk_size:
-        Target instances per pass (bounds memory; ``None``: all at once).
+        Target instances per pass (bounds memory; ``None``: all at once; ``"auto"``: the largest whose
+        estimated peak fits 80 % of the device's free memory, see :func:`geffect_lab.estimate_memory`).
+    verify:
+        ``"first"`` (default) or ``"always"``: hold the fast engine's per-layer totals to one plain batched
+        backward (random instance weights, so misattributed instances show too) and raise
+        :class:`~geffect_lab.engine.core.EngineCheckError` naming the layer and its module types on a mismatch;
+        costs one backward. ``"never"`` skips it.
 
     Returns an xarray Dataset with DESIGN.md §4's names: ``g_effect`` [step, instance, layer, term],
     ``g_effect_token`` [step, instance, token], ``pg_effect`` [step, sample, against], ``risk``,
@@ -89,7 +106,7 @@ def g_effect(model, tokenizer, objective="ga", params: Mapping[str, Any] | None 
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
     m = Measurement(model, tokenizer, objective, params, forget=forget, targets=targets, retain=retain,
-                    refusals=refusals, template=template)
+                    refusals=refusals, template=template, verify=verify)
     m.set_reference(model if reference is None else reference,
                     label="initial model" if reference is None else "given")
     return m.measure(model, step=step, engine=engine, per_token=per_token, pg=pg, chunk_size=chunk_size)
@@ -104,7 +121,9 @@ class Measurement:
 
     def __init__(self, model, tokenizer, objective="ga", params: Mapping[str, Any] | None = None, *,
                  forget: Sequence, targets, retain: Sequence | None = None, refusals: Sequence[str] | None = None,
-                 template=None):
+                 template=None, verify: str = "first"):
+        self.verify = check_verify(verify)
+        self._verified = False
         obj = resolve_objective(objective, params)
         self.objective = type(obj)(resolve_layers(model, obj.terms))
         self.groups = layer_groups(model)
@@ -124,6 +143,11 @@ class Measurement:
                 raise ObjectiveError(f"the regulariser(s) {regs} need retain samples: pass retain=[...]")
             self.sides["retain"] = encode_side(tokenizer, list(retain), template=template, role="retain")
         self.batch, self.ids, self.splits, self.examples, self.slices = prepare_targets(tokenizer, targets, template)
+        check_fits(model, self.batch, self.ids, "target")
+        for role, side in self.sides.items():
+            check_fits(model, side.batch, side.ids, role)
+            if side.alt is not None:
+                check_fits(model, side.alt, side.ids, f"{role} (with its refusal answer)")
         self.reference = None
         self.reference_label = ""
 
@@ -145,13 +169,36 @@ class Measurement:
         """The engine's :class:`~geffect_lab.engine.core.Effects` at the model's current parameters."""
         if self.reference is None:
             raise RuntimeError("call set_reference(model) first (the reference quantities are taken then)")
+        chunk_size = self.chunk_size(model, chunk_size, per_token=per_token, pg=pg)
         if engine == "fast":
-            return fast_effects(model, self.groups, self.objective, self.sides, self.reference, self.batch, self.ids,
-                                self.slices, chunk_size=chunk_size, per_token=per_token, pg=pg, extra=extra)
+            verify = self.verify == "always" or (self.verify == "first" and not self._verified)
+            out = fast_effects(model, self.groups, self.objective, self.sides, self.reference, self.batch, self.ids,
+                               self.slices, chunk_size=chunk_size, per_token=per_token, pg=pg, extra=extra,
+                               verify=verify)
+            self._verified = True
+            return out
         if extra:
             raise ValueError("extra directions are a fast-engine feature")
         return reference_effects(model, self.groups, self.objective, self.sides, self.reference, self.batch,
                                  self.ids, self.slices, chunk_size=chunk_size, per_token=per_token, pg=pg)
+
+    def chunk_size(self, model, chunk_size, *, per_token: bool, pg: bool) -> int | None:
+        """``chunk_size`` checked; ``"auto"``: the largest chunk whose estimated peak memory fits 80 % of the
+        model device's free memory (:func:`geffect_lab.memory.auto_chunk_size`)."""
+        if chunk_size == "auto":
+            from ..memory import auto_chunk_size
+
+            seq_len = int(max([self.batch["attention_mask"].sum(1).max()] +
+                              [s.batch["attention_mask"].sum(1).max() for s in self.sides.values()]))
+            return auto_chunk_size(model, len(self.ids), seq_len, per_token=per_token, pg=pg,
+                                   n_terms=len(self.objective.terms), n_sets=len(self.slices),
+                                   n_samples=len(self.sides["forget"].ids),
+                                   verify=self.verify == "always" or not self._verified)
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 1):
+            raise ValueError(f"chunk_size={chunk_size!r} is not valid; use a whole number >= 1 (target instances "
+                             "per pass), None (all at once) or 'auto' (the largest that fits in memory)")
+        return chunk_size
 
     def dataset(self, model, effects, step: int, data=None, engine: str = "fast") -> xr.Dataset:
         """A one-step Dataset from :meth:`effects`, with ``data`` (e.g. ``learning_rate``) added."""

@@ -4,6 +4,7 @@ per-instance autograd loop (the oracle). Both return the same :class:`Effects`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -16,7 +17,8 @@ from .forward import Side, objective_inputs, risk_and_tokens
 from .ghost import GhostPass, accumulation_dtype, engine_mode
 from .groups import LayerGroups
 
-__all__ = ["Effects", "ObjectiveGradient", "term_gradients", "risk_gradient", "fast_effects", "reference_effects"]
+__all__ = ["Effects", "ObjectiveGradient", "term_gradients", "risk_gradient", "fast_effects", "reference_effects",
+           "check_totals", "EngineCheckError", "NoGradientWarning"]
 
 
 @dataclass
@@ -73,7 +75,31 @@ def term_gradients(model, objective: Objective, sides: dict[str, Side], referenc
             got = torch.autograd.grad(loss, params, allow_unused=True)
             grads.append({id(p): g.detach() for p, g in zip(params, got) if g is not None})
             losses.append(float(loss.detach()))
+    _warn_unreached(model, params, grads)
     return ObjectiveGradient(grads, np.array(losses), sample_loss, sample_weight)
+
+
+class NoGradientWarning(UserWarning):
+    """Trainable parameters (adapters) that the objective's gradient never reaches."""
+
+
+def _warn_unreached(model, params, grads) -> None:
+    """Adapters (a model with frozen parameters) that no term's gradient reaches have a G-effect of 0 by
+    construction; say so by name (a hidden-state objective at an early layer, or adapters the forward skips)."""
+    if all(p.requires_grad for p in model.parameters()):
+        return
+    from .groups import layer_groups
+
+    reached = set().union(*(g.keys() for g in grads))
+    missed = [p for p in params if id(p) not in reached]
+    if missed:
+        groups = layer_groups(model)
+        where = sorted({groups.of_param[id(p)] for p in missed if id(p) in groups.of_param})
+        warnings.warn(f"{len(missed)} trainable parameter(s) in {', '.join(groups.names[g] for g in where)} get no "
+                      "gradient from the objective, so their G-effect is 0 (first: "
+                      f"{groups.param_names[id(missed[0])]})."
+                      " Check that the adapters sit on the path of the objective's loss (e.g. not after an RMU layer)",
+                      NoGradientWarning, stacklevel=3)
 
 
 def risk_gradient(model, batch, chunk_size: int | None) -> dict[int, torch.Tensor]:
@@ -107,12 +133,13 @@ def _check_finite(name: str, values: torch.Tensor, ids: Sequence[str]):
 def fast_effects(model, groups: LayerGroups, objective: Objective, sides: dict[str, Side], reference,
                  targets: dict[str, torch.Tensor], target_ids: list[str], target_sets: dict[str, slice],
                  chunk_size: int | None = 16, per_token: bool = True, pg: bool = True,
-                 gradient: ObjectiveGradient | None = None, extra: Sequence[dict[int, torch.Tensor]] = ()
-                 ) -> Effects:
+                 gradient: ObjectiveGradient | None = None, extra: Sequence[dict[int, torch.Tensor]] = (),
+                 verify: bool = True) -> Effects:
     """The fast engine: ghost dot products over chunks of targets, forward-mode tangents for the tokens.
 
     ``gradient`` reuses an objective gradient already computed (a training loop has it for its update);
-    ``extra`` directions (the optimiser's step) are contracted in the same pass into ``Effects.extra``.
+    ``extra`` directions (the optimiser's step) are contracted in the same pass into ``Effects.extra``;
+    ``verify`` holds the per-layer totals to one plain backward (:func:`check_totals`) before returning.
     """
     gradient = gradient if gradient is not None else term_gradients(model, objective, sides, reference)
     grads = gradient.grads
@@ -156,11 +183,103 @@ def fast_effects(model, groups: LayerGroups, objective: Objective, sides: dict[s
                         acc[k].add_(g, alpha=1.0 / size)
                     else:
                         acc[k] = g.div_(size)
+            del res  # its parameter gradients, before the next pass allocates its own
         set_grads.append(acc)
     pg_eff = _fast_pg(model, groups, objective, sides, reference, set_grads) if pg else None
+    if verify:
+        check_totals(model, groups, grads, targets, g_eff[..., :n_terms], chunk_size, objective.term_names)
+        check_decompositions(model, g_eff[..., :n_terms], tok_eff if per_token else None, pg_eff, target_sets,
+                             [t.spec.role for t in objective.terms].index("forget"), objective.forget_term.weight)
     return Effects(g_eff[..., :n_terms], tok_eff, risks, _token_count(targets), pg_eff, gradient.term_loss,
                    gradient.sample_loss, _answer_tokens(targets), extra=g_eff[..., n_terms:] if extra else None,
                    sample_weight=gradient.sample_weight)
+
+
+def check_tolerance(dtype: torch.dtype) -> float:
+    """How far the fast engine's per-layer totals may sit from a plain backward's, relative to the largest
+    layer x term total: HF computes norms and softmaxes in float32 even in a float64 model (~1e-8 there); in
+    half precision both paths carry the rounding of 8-bit (bfloat16) or 11-bit (float16) mantissas."""
+    return {torch.float64: 1e-6, torch.float32: 1e-3}.get(dtype, 5e-2)
+
+
+class EngineCheckError(RuntimeError):
+    """The fast engine disagrees with a plain backward: its numbers for this model would be wrong."""
+
+
+def check_totals(model, groups: LayerGroups, directions: Sequence[dict[int, torch.Tensor]],
+                 targets: dict[str, torch.Tensor], g_eff: np.ndarray, chunk_size: int | None,
+                 term_names: Sequence[str], seed: int = 0) -> None:
+    """The built-in check: ``Σ_i w_i e_{i,l,t}`` from the fast engine against ``⟨∇ Σ_i w_i R_i, G_t⟩`` per layer
+    group from one plain batched backward, with random instance weights ``w_i ∈ [0.5, 1.5)`` so that a value
+    attributed to the wrong instance shows too. Raises :class:`EngineCheckError` naming the layer, the term and
+    the module types in that layer. Costs one backward over the targets."""
+    n = targets["input_ids"].shape[0]
+    weights = 0.5 + torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    params = trainable_parameters(model)
+    dtype = accumulation_dtype(model)
+    total = [torch.zeros_like(p, dtype=dtype) for p in params]
+    with eval_mode(model), torch.enable_grad():
+        for rows, part in chunks(targets, chunk_size):
+            risk, _, _ = risk_and_tokens(model, part)
+            w = weights[rows].to(device=risk.device, dtype=risk.dtype)
+            got = torch.autograd.grad((risk * w).sum(), params, allow_unused=True)
+            for acc, g in zip(total, got):
+                if g is not None:
+                    acc += g.to(dtype)
+    expected = np.stack([_dot_by_group(groups, total, params, d, dtype).double().numpy() for d in directions], 1)
+    fast = np.einsum("i,ilt->lt", weights.numpy(), g_eff)
+    tol = check_tolerance(next(model.parameters()).dtype)
+    # relative to the largest layer x term value: in half precision a nearly-zero term is rounding noise
+    scale = max(np.abs(expected).max(), np.abs(fast).max())
+    for t, term in enumerate(term_names):
+        bad = np.flatnonzero(np.abs(fast[:, t] - expected[:, t]) > tol * scale)
+        if bad.size:
+            layer = groups.names[bad[0]]
+            raise EngineCheckError(
+                f"the fast engine's G-effect of term {term!r} on layer {layer!r} is {fast[bad[0], t]:.6g} where a "
+                f"plain backward gives {expected[bad[0], t]:.6g} (beyond the {tol:g} relative tolerance of this "
+                f"dtype); module types in that layer: {', '.join(_module_types(model, groups, bad[0]))}. These "
+                "numbers would be wrong: use engine='reference' and report the model type")
+
+
+def check_decompositions(model, g_eff: np.ndarray, tok_eff: np.ndarray | None, pg_eff: np.ndarray | None,
+                         target_sets: dict[str, slice], forget: int, forget_weight: float) -> None:
+    """The fast engine's three decompositions come from independent computations (ghost contractions per
+    layer, forward-mode tangents per token, per-sample contractions for the PG-effect); they must agree where
+    the math says they add up: ``mean_k e_{i,k} = Σ_{l,t} e_{i,l,t}`` for every instance, and the forget term's
+    weight × ``mean_j pg_{j,D}`` = ``mean_{i∈D} Σ_l e_{i,l,forget}`` for every target set D."""
+    tol = check_tolerance(next(model.parameters()).dtype)
+    e_i = g_eff.sum((1, 2))
+    scale = max(np.abs(e_i).max(), 1e-300)
+    if tok_eff is not None:
+        got = np.nanmean(tok_eff, 1)
+        worst = int(np.nanargmax(np.abs(got - e_i)))
+        if abs(got[worst] - e_i[worst]) > tol * scale:
+            raise EngineCheckError(
+                f"per-token G-effects of target row {worst} average to {got[worst]:.6g}, its layers sum to "
+                f"{e_i[worst]:.6g}: the forward-mode tangents through {type(model).__qualname__} are wrong (an op "
+                "whose forward-mode derivative does not match its backward). Pass per_token=False, or use "
+                "engine='reference'")
+    if pg_eff is not None:
+        for d, (name, rows) in enumerate(target_sets.items()):
+            want = g_eff[rows, :, forget].sum(1).mean()
+            got = forget_weight * pg_eff[:, d].mean()
+            if abs(got - want) > tol * max(abs(want), np.abs(g_eff[rows, :, forget].sum(1)).max(), 1e-300):
+                raise EngineCheckError(
+                    f"the PG-effects against {name!r} average to {got:.6g} where the forget term's G-effect on that "
+                    f"set is {want:.6g}: the per-sample pass over the forget samples is wrong for this model. Pass "
+                    "pg=False, or use engine='reference'")
+
+
+def _module_types(model, groups: LayerGroups, group: int) -> list[str]:
+    out = []
+    for module in model.modules():
+        if any(id(p) in groups.of_param and groups.of_param[id(p)] == group
+               for p in module._parameters.values() if p is not None):
+            name = type(module).__qualname__
+            if name not in out:
+                out.append(name)
+    return out
 
 
 def _fast_pg(model, groups, objective, sides, reference, set_grads):

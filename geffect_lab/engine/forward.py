@@ -20,6 +20,7 @@ from ..objectives import ObjectiveError, ObjectiveInputs, Term
 from .groups import find_blocks
 
 __all__ = ["Side", "encode_side", "answer_logp", "risk_and_tokens", "objective_inputs", "reference_quantities",
+           "check_fits", "max_positions",
            "default_layer", "resolve_layers", "refusal_for"]
 
 
@@ -184,3 +185,34 @@ def objective_inputs(model, term: Term, side: Side, reference) -> ObjectiveInput
         logp=q["logp"], mask=q["mask"], ids=side.ids, full_logp=q["full_logp"] if "full_logp" in needs else None,
         hidden=q.get("hidden"), hidden_mask=q["mask"] if "hidden" in q else None,
         alt_logp=q.get("alt_logp"), alt_mask=q.get("alt_mask"), **ref)
+
+
+def max_positions(model) -> int | None:
+    """The longest sequence the model's position scheme accepts, when its config states one."""
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_fits(model, batch: dict[str, torch.Tensor], ids: Sequence[str], what: str) -> None:
+    """Refuse, before any computation, data the model cannot read: a token id beyond its embedding (a tokenizer
+    larger than the model's vocabulary) or a prompt + answer longer than its maximum positions."""
+    emb = model.get_input_embeddings()
+    rows = getattr(emb, "num_embeddings", None) or emb.weight.shape[0]
+    mask = batch["attention_mask"].bool()
+    big = (batch["input_ids"] >= rows) & mask
+    if big.any():
+        r, c = (int(v) for v in big.nonzero()[0])
+        raise ObjectiveError(
+            f"{what} instance {ids[r]!r} holds token id {int(batch['input_ids'][r, c])}, beyond the model's "
+            f"embedding of {rows} rows: the tokenizer does not belong to this model (load the model's own)")
+    limit = max_positions(model)
+    lengths = mask.sum(1)
+    if limit is not None and int(lengths.max()) > limit:
+        r = int(lengths.argmax())
+        raise ObjectiveError(
+            f"{what} instance {ids[r]!r} is {int(lengths[r])} tokens long (prompt + answer), more than the model's "
+            f"{limit} positions: shorten it or leave it out")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack, contextmanager
+from typing import NamedTuple
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -34,7 +35,8 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from .._batching import eval_mode
 from .groups import LayerGroups
 
-__all__ = ["GhostPass", "GhostResult", "engine_mode", "accumulation_dtype"]
+__all__ = ["GhostPass", "GhostResult", "engine_mode", "accumulation_dtype", "FAST_TANGENTS", "FastTangent",
+           "UnsupportedModuleError"]
 
 
 def accumulation_dtype(model: nn.Module) -> torch.dtype:
@@ -43,8 +45,76 @@ def accumulation_dtype(model: nn.Module) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+class FastTangent(NamedTuple):
+    """A closed-form tangent ``J_θ f(x) · G`` for one exact module type (never its subclasses, which may change
+    the forward: Gemma's scaled word embedding is an ``nn.Embedding`` subclass that multiplies by √d)."""
+
+    names: frozenset[str]                  # the parameter names the formula covers
+    tangent: Callable                      # (module, {name: G}, args, kwargs) -> output tangent
+    applies: Callable[[nn.Module], bool]   # extra conditions on the instance (e.g. no max_norm)
+
+
+def _input(args, kwargs, name: str = "input"):
+    return args[0] if args else kwargs[name]
+
+
+def _linear(module, grads, args, kwargs):        # y = x Wᵀ + b  →  x G_Wᵀ + G_b
+    return F.linear(_input(args, kwargs), grads.get("weight", torch.zeros_like(module.weight)), grads.get("bias"))
+
+
+def _conv1d(module, grads, args, kwargs):        # GPT-2's Conv1D: y = x W + b  →  x G_W + G_b
+    y = _input(args, kwargs, "x") @ grads.get("weight", torch.zeros_like(module.weight))
+    return y + grads["bias"] if "bias" in grads else y
+
+
+def _embedding(module, grads, args, kwargs):     # y = E[ids]  →  G_E[ids]
+    return F.embedding(_input(args, kwargs), grads["weight"], module.padding_idx)
+
+
+def _always(module) -> bool:
+    return True
+
+
+FAST_TANGENTS: dict[type, FastTangent] = {
+    nn.Linear: FastTangent(frozenset({"weight", "bias"}), _linear, _always),
+    # max_norm renormalises the looked-up rows, which is not linear in the weight
+    nn.Embedding: FastTangent(frozenset({"weight"}), _embedding, lambda m: m.max_norm is None),
+}
+try:  # transformers' Conv1D (GPT-2 family), by its exact type
+    from transformers.pytorch_utils import Conv1D as _HFConv1D
+
+    FAST_TANGENTS[_HFConv1D] = FastTangent(frozenset({"weight", "bias"}), _conv1d, _always)
+except ImportError:  # pragma: no cover - transformers is a dependency
+    pass
+
+# norm layers: exact types whose output is linear in their parameters; other classes named like a norm are
+# admitted after the checks of GhostPass._linear_norm_tangent
+LINEAR_NORMS = (nn.LayerNorm, nn.RMSNorm)
+
+
+def _norm_candidate(module: nn.Module) -> bool:
+    params = [p for p in module._parameters.values() if p is not None]
+    named = type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
+    return bool(params) and (type(module) in LINEAR_NORMS or named) and all(p.dim() == 1 for p in params)
+
+
+def _innermost_module(err: BaseException) -> nn.Module | None:
+    """The innermost module whose ``forward`` the traceback of ``err`` passes through."""
+    found, tb = None, err.__traceback__
+    while tb is not None:
+        candidate = tb.tb_frame.f_locals.get("self")
+        if isinstance(candidate, nn.Module) and tb.tb_frame.f_code.co_name == "forward":
+            found = candidate
+        tb = tb.tb_next
+    return found
+
+
+# (id(model), owner ids) -> [(id(never-called owner), the ancestor that adopts its parameters)]; one model at a time
+_ADOPTIONS: dict[tuple, list[tuple[int, nn.Module]]] = {}
+
+
+class UnsupportedModuleError(ValueError):
+    """A module the engine cannot evaluate along a direction (named, with its type, in the message)."""
 
 
 def _tangent(value: torch.Tensor) -> torch.Tensor:
@@ -105,13 +175,72 @@ class GhostPass:
         self._busy = False
         self._linear_norm: dict[int, bool] = {}
         self._acc: torch.Tensor | None = None
+        self._flat_rows = 0  # rows x tokens of the model call in progress (for modules on flattened tokens)
+        self._module_names = {id(m): n for n, m in model.named_modules()}
         # modules that own parameters directly, with (param name, param, group) for each
         self._owners: list[tuple[nn.Module, list[tuple[str, nn.Parameter, int]]]] = []
         for module in model.modules():
+            inner = {id(p) for child in module.children() for p in child.parameters()}
+            # a parameter registered on a module and again inside one of its children (BERT's decoder bias) is
+            # used through the child: its contribution is taken there only, never twice
             own = [(n, p, groups.of_param[id(p)]) for n, p in module._parameters.items()
-                   if p is not None and id(p) in groups.of_param]
+                   if p is not None and id(p) in groups.of_param and id(p) not in inner]
             if own:
                 self._owners.append((module, own))
+        self._adopted = False
+
+    def _adopt_parameters_used_by_ancestors(self, fn) -> None:
+        """Some models use a child's parameter without calling the child (Mamba's mixer computes
+        ``self.dt_proj.weight @ x``): the child's hook never fires and its share would be lost. One probe pass
+        (forward and backward, once per model) finds the owners that are never called yet whose parameters get a
+        gradient; each is handed to its nearest ancestor that is called, whose local jvp then covers them."""
+        self._adopted = True
+        key = (id(self.model), tuple(id(m) for m, _ in self._owners))
+        if key not in _ADOPTIONS:
+            _ADOPTIONS.clear()
+            _ADOPTIONS[key] = self._probe(fn)
+        by_module = {id(m): (m, own) for m, own in self._owners}
+        for child_id, ancestor in _ADOPTIONS[key]:
+            child, own = by_module.pop(child_id)
+            prefix = next(n for n, m in ancestor.named_modules() if m is child)
+            moved = [(f"{prefix}.{n}", p, g) for n, p, g in own]
+            if id(ancestor) in by_module:
+                by_module[id(ancestor)][1].extend(moved)
+            else:
+                by_module[id(ancestor)] = (ancestor, moved)
+        self._owners = list(by_module.values())
+
+    def _probe(self, fn) -> list[tuple[int, nn.Module]]:
+        called: set[int] = set()
+        handles = [m.register_forward_pre_hook(lambda m, *_: called.add(id(m))) for m in self.model.modules()]
+        try:
+            with engine_mode(self.model), torch.no_grad():
+                fn()  # which owners are called at all (cheap)
+            silent = [(m, own) for m, own in self._owners if id(m) not in called]
+            params = [p for _, own in silent for _, p, _ in own if p.requires_grad]
+            got = {}
+            if params:  # which of the silent ones still get a gradient
+                with engine_mode(self.model, keep_grad=True), torch.enable_grad():
+                    losses, _ = fn()
+                    if losses.requires_grad:
+                        got = dict(zip(map(id, params), torch.autograd.grad(losses.sum(), params, allow_unused=True)))
+        finally:
+            for h in handles:
+                h.remove()
+        parents = {id(c): m for m in self.model.modules() for c in m.children()}
+        out = []
+        for module, own in silent:
+            if not any(got.get(id(p)) is not None for _, p, _ in own):
+                continue  # unused: nothing to attribute
+            ancestor = parents.get(id(module))
+            while ancestor is not None and id(ancestor) not in called:
+                ancestor = parents.get(id(ancestor))
+            if ancestor is None:
+                raise UnsupportedModuleError(
+                    f"the parameters of {self._module_names.get(id(module), '?')!r} ({type(module).__qualname__}) get "
+                    "a gradient, but neither the module nor any module above it is called in the forward pass")
+            out.append((id(module), ancestor))
+        return out
 
     # ------------------------------------------------------------------ local tangents of one module
     def _local(self, module: nn.Module, own, args, kwargs, d: int) -> dict[int, object]:
@@ -126,19 +255,12 @@ class GhostPass:
             if all(v is None for v in grads.values()):
                 continue
             grads = {n: (torch.zeros_like(p) if grads[n] is None else grads[n].to(p.dtype)) for n, p in params}
-            names = set(grads)
-            if isinstance(module, nn.Linear) and names <= {"weight", "bias"}:
-                x = args[0]
-                w = grads.get("weight", torch.zeros_like(module.weight))
-                out[g] = F.linear(x, w, grads.get("bias"))
-            elif _is_conv1d(module) and names <= {"weight", "bias"}:
-                x = args[0]
-                w = grads.get("weight", torch.zeros_like(module.weight))
-                y = x @ w
-                out[g] = y + grads["bias"] if "bias" in grads else y
-            elif isinstance(module, nn.Embedding) and names == {"weight"}:
-                ids = args[0] if args else kwargs["input"]
-                out[g] = F.embedding(ids, grads["weight"], module.padding_idx)
+            if any("." in n for n in grads):  # adopted from a child: the module's forward, by forward mode
+                out[g] = self._local_jvp(module, params, grads, args, kwargs)
+                continue
+            fast = FAST_TANGENTS.get(type(module))
+            if fast is not None and set(grads) <= fast.names and fast.applies(module):
+                out[g] = fast.tangent(module, grads, args, kwargs)
             elif (tangent := self._linear_norm_tangent(module, grads, args, kwargs)) is not None:
                 out[g] = tangent
             else:
@@ -157,27 +279,43 @@ class GhostPass:
             self._busy = False
 
     def _linear_norm_tangent(self, module, grads, args, kwargs):
-        """The tangent of a norm layer (LayerNorm, RMSNorm, …) along G, or None for any other module. Norms scale
-        and shift the normalised input by their parameters, so their output is linear in them and the tangent is
-        the layer evaluated with G as its parameters: a plain forward instead of a forward-mode jvp. Checked once
-        per module on the first direction: y(2G) = 2·y(G) exactly and y(0) = 0 (a variant like Gemma's
-        ``(1 + w)`` fails it and keeps the jvp)."""
+        """The tangent of a norm layer along G, or None for any other module. ``nn.LayerNorm`` and ``nn.RMSNorm``
+        scale and shift the normalised input by their parameters, so their output is linear in them and the
+        tangent is the layer evaluated with G as its parameters: a plain forward instead of a jvp. A class of
+        another library named like a norm (``LlamaRMSNorm``, …) with only vector parameters is admitted once it
+        passes, on its first call, y(0) = 0 and y(2G) = 2·y(G) bitwise, and y(G + H) = y(G) + y(H) for a random
+        H to a few ulps (a variant like Gemma's ``(1 + w)`` fails the first and keeps the jvp)."""
         key = id(module)
         known = self._linear_norm.get(key)
         if known is False:
             return None
-        if known is None and not ("Norm" in type(module).__name__
-                                  and all(p.dim() == 1 for p in module._parameters.values() if p is not None)):
+        if known is None and not _norm_candidate(module):
             self._linear_norm[key] = False
             return None
         y = self._evaluate_with(module, grads, args, kwargs)
         if known is None:
-            y2 = self._evaluate_with(module, {n: 2 * v for n, v in grads.items()}, args, kwargs)
-            y0 = self._evaluate_with(module, {n: torch.zeros_like(v) for n, v in grads.items()}, args, kwargs)
-            self._linear_norm[key] = all(torch.equal(b, 2 * a) and not c.any() for a, b, c in
-                                         zip(tree_flatten(y)[0], tree_flatten(y2)[0], tree_flatten(y0)[0])
-                                         if isinstance(a, torch.Tensor))
+            self._linear_norm[key] = isinstance(module, LINEAR_NORMS) and type(module) in LINEAR_NORMS or \
+                self._passes_linearity(module, grads, y, args, kwargs)
         return y if self._linear_norm[key] else None
+
+    def _passes_linearity(self, module, grads, y, args, kwargs) -> bool:
+        def flat(out):
+            return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        other = {n: torch.randn(v.shape, generator=gen, dtype=torch.float64).to(v) for n, v in grads.items()}
+        y2 = self._evaluate_with(module, {n: 2 * v for n, v in grads.items()}, args, kwargs)
+        y0 = self._evaluate_with(module, {n: torch.zeros_like(v) for n, v in grads.items()}, args, kwargs)
+        yh = self._evaluate_with(module, other, args, kwargs)
+        ys = self._evaluate_with(module, {n: v + other[n] for n, v in grads.items()}, args, kwargs)
+        tol = 64 * torch.finfo(y.dtype if isinstance(y, torch.Tensor) else torch.float32).eps
+        for a, b, c, h, sm in zip(flat(y), flat(y2), flat(y0), flat(yh), flat(ys)):
+            if not (torch.equal(b, 2 * a) and not c.any()):
+                return False
+            scale = max(float((a.abs() + h.abs()).max()), 1e-300)
+            if float((sm - a - h).abs().max()) > tol * scale:
+                return False
+        return True
 
     def _local_jvp(self, module, params, grads, args, kwargs):
         """Forward-mode jvp of the module with respect to its own parameters (inputs held fixed)."""
@@ -185,6 +323,10 @@ class GhostPass:
         self._busy = True
         try:
             out = torch.func.functional_call(module, duals, args, kwargs, strict=False)
+        except (RuntimeError, NotImplementedError, TypeError) as err:
+            raise UnsupportedModuleError(
+                f"module {self._module_names.get(id(module), '?')!r} ({type(module).__module__}."
+                f"{type(module).__qualname__}) cannot be evaluated along a direction in forward mode: {err}") from err
         finally:
             self._busy = False
         return tree_map(lambda t: fwAD.unpack_dual(t).tangent if isinstance(t, torch.Tensor) else None, out)
@@ -192,7 +334,7 @@ class GhostPass:
     # ------------------------------------------------------------------ hooks
     def _hook(self, own):
         def hook(module, args, kwargs, output):
-            if self._busy:
+            if self._busy or not torch.is_grad_enabled():  # under no_grad the output carries no gradient
                 return None
             p_args, p_kwargs = tree_map(_strip, args), tree_map(_strip, kwargs)
             with torch.no_grad():
@@ -217,36 +359,65 @@ class GhostPass:
                     continue
                 if not primal.requires_grad:  # an entry point (embeddings): start the activation graph here
                     primal = primal.detach().requires_grad_(True)
-                if primal.shape[0] == 1 and n_rows > 1:
-                    # shared by every row (GPT-2's position embeddings): give each row its own view so that
-                    # the backward hands back per-row output-gradients
+                if self._shared_by_rows(primal, n_rows):
+                    # shared by every row (GPT-2's position embeddings [1, T, d], BART-family ones [T, d]): give
+                    # each row its own copy, so that the backward hands back per-row output-gradients
+                    if primal.shape[0] != 1:
+                        primal, tangent = primal[None], None if tangent is None else tangent[None]
+                        pieces = [(g, d, t[None]) for g, d, t in pieces]
                     primal = primal.expand(n_rows, *primal.shape[1:]).clone()
                     tangent = None if tangent is None else tangent.expand_as(primal).clone()
                     pieces = [(g, d, t.expand_as(primal)) for g, d, t in pieces]
-                if primal.shape[0] != n_rows:
-                    raise RuntimeError(
-                        f"module {type(module).__name__} returned {primal.shape[0]} rows for a batch of {n_rows}: "
-                        "the engine needs the batch as the first dimension of every module output")
+                self._check_rows(module, primal.shape, n_rows)
+                # The hook goes on a fresh copy, not on the primal (a view of the output): a view modified in
+                # place downstream (Falcon's ``mlp_output += attention_output``) leaves the graph with its hook,
+                # which would then never fire. The original output is freed, so the copy costs no memory.
+                base = primal.clone()
+                base.register_hook(self._contract(pieces))
                 if self.propagate:
                     total = sum(t for _, d, t in pieces if d in self.tangent_dirs)
                     if not isinstance(total, int):
                         tangent = (total if tangent is None else tangent + total).detach()
-                    y_new = fwAD.make_dual(primal, tangent)
-                else:
-                    y_new = primal
-                y_new.register_hook(self._contract(pieces))
-                new_flat.append(y_new)
+                    base = fwAD.make_dual(base, tangent)
+                new_flat.append(base)
             return tree_unflatten(new_flat, spec)
 
         return hook
 
+    def _note_tokens(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            self._flat_rows = ids.shape[0] * ids.shape[1]
+
+    def _shared_by_rows(self, primal: torch.Tensor, n_rows: int) -> bool:
+        if n_rows == 1 or primal.shape[0] == n_rows:
+            return False
+        tokens = self._flat_rows // n_rows
+        return primal.shape[0] == 1 or (primal.dim() == 2 and primal.shape[0] == tokens and
+                                        primal.shape[0] * n_rows != primal.shape[0])
+
+    def _check_rows(self, module, shape, n_rows: int) -> None:
+        """Each output's first dimension must be the batch's rows, or its tokens flattened row-major
+        (``[row * position * ...]``: OPT's MLP, MoE routers and experts, gated norms over heads), so that every
+        entry maps to one row. A flattening in another order (tokens sorted by expert) would attribute values to
+        the wrong rows: the built-in check (random instance weights) refuses it."""
+        if shape[0] == n_rows or (self._flat_rows and shape[0] % self._flat_rows == 0):
+            return
+        raise UnsupportedModuleError(
+            f"module {self._module_names.get(id(module), '?')!r} ({type(module).__qualname__}) returned an output "
+            f"of shape {tuple(shape)} for a batch of {n_rows} rows of {self._flat_rows // max(n_rows, 1)} tokens: "
+            "the engine needs rows (or rows x tokens, flattened) as the first dimension of every output of a "
+            "module with parameters, to attribute it to its instance")
+
     def _contract(self, pieces):
         acc = self._acc
+        n_rows = acc.shape[0]
 
         def on_grad(delta: torch.Tensor):
             dd = delta.to(self.acc_dtype)
             for g, d, t in pieces:
-                acc[:, g, d] += (dd * t.to(self.acc_dtype)).reshape(dd.shape[0], -1).sum(1).to(acc.device)
+                # rows first; a [row * token, ...] output reshapes row-major to [row, token * ...]
+                acc[:, g, d] += (dd * t.to(self.acc_dtype)).reshape(n_rows, -1).sum(1).to(acc.device)
             pieces.clear()  # free the local tangents as soon as they are used
             return None
 
@@ -259,6 +430,8 @@ class GhostPass:
         losses with respect to the trainable parameters (what a plain backward computes), at the cost of the
         weight-gradient half of a backward."""
         device = next(self.model.parameters()).device
+        if not self._adopted:
+            self._adopt_parameters_used_by_ancestors(fn)
         self._acc = torch.zeros(n_rows, len(self.groups.names), len(self.directions), dtype=self.acc_dtype,
                                 device=device)
         with ExitStack() as stack:
@@ -268,8 +441,18 @@ class GhostPass:
                 stack.enter_context(sdpa_kernel(SDPBackend.MATH))
             with fwAD.dual_level():
                 handles = [m.register_forward_hook(self._hook(own), with_kwargs=True) for m, own in self._owners]
+                handles.append(self.model.register_forward_pre_hook(self._note_tokens, with_kwargs=True))
                 try:
                     losses, extras = fn()
+                except NotImplementedError as err:  # an op or a custom autograd.Function without forward mode
+                    if not self.propagate:
+                        raise
+                    module = _innermost_module(err)
+                    raise UnsupportedModuleError(
+                        f"per-token G-effects carry forward-mode derivatives through the whole model, and module "
+                        f"{self._module_names.get(id(module), '?')!r} ({type(module).__qualname__}) has no "
+                        f"forward-mode derivative ({err}). Pass per_token=False: the per-layer and PG-effects stay "
+                        "exact") from err
                 finally:
                     for h in handles:
                         h.remove()

@@ -77,6 +77,13 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def layer_groups(model: nn.Module) -> LayerGroups:
     """Assign every parameter of ``model`` to one layer group (see the module's docstring)."""
+    meta = next((n for n, p in model.named_parameters() if p.device.type == "meta"), None)
+    if meta is not None:
+        raise ModelStructureError(
+            f"parameter {meta!r} of {type(model).__name__} is on the meta device (accelerate's CPU or disk offload "
+            "keeps weights off the model between calls, and swaps them in as new tensors at each call): G-effects "
+            "need every parameter resident. Load with a device_map over devices that hold the weights (several "
+            "GPUs, or 'cpu'), without offload")
     blocks_path, blocks = find_blocks(model)
     n_blocks = len(blocks)
     names = ["embed"] + [f"layers.{i}" for i in range(n_blocks)] + ["norm", "lm_head"]
