@@ -10,6 +10,8 @@ with the objective's forget batch of 16 forget05 instances:
   gradients), the cost the paper's batch-level G-effect needs for its risk gradient;
 - ``fast (layers)``: ``gl.g_effect`` with the per instance × layer × term G-effects only, the objective's
   gradient included;
+- ``+ built-in check``: the same with ``verify="first"`` (the default of a measurement's first call): one more
+  plain backward over the targets, whose per-layer totals the fast engine's must match;
 - ``fast (all)``: the same plus per-token G-effects and the PG-effect per objective sample;
 - ``reference``: the per-instance autograd loop (per instance × layer × term, the oracle).
 
@@ -59,10 +61,13 @@ def bench(name, model, tok, world, objective, repeats, device, chunk_size, refer
     forget = world["forget05"][:16]
     batch = {k: v.to(device) for k, v in gl.encode(tok, targets["targeted"] + targets["non_targeted"]).items()}
     common = dict(objective=objective, forget=forget, targets=targets, retain=world["retain90"][:16],
-                  chunk_size=chunk_size)
+                  chunk_size=chunk_size, verify="never")
     runs = {
         "plain f+b": lambda: plain_forward_backward(model, batch),
         "fast (layers)": lambda: gl.g_effect(model, tok, per_token=False, pg=False, **common),
+        # a measurement's first call also checks itself against one plain backward (verify="first")
+        "+ built-in check": lambda: gl.g_effect(model, tok, per_token=False, pg=False, **{**common,
+                                                                                          "verify": "first"}),
         "fast (all)": lambda: gl.g_effect(model, tok, **common),
     }
     if reference:

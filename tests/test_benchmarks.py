@@ -29,3 +29,29 @@ def test_other_benchmarks_run(script, args, expect):
                          timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert expect in out.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_on_the_cpu(tmp_path):
+    """The GPU machine's one prepared check stays runnable: its steps on a tiny model, on the CPU."""
+    import json
+
+    out = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--small", "--repeats", "1",
+                          "--out", str(tmp_path / "check.json")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads((tmp_path / "check.json").read_text())
+    assert max(report["exactness"]["float32 fast vs float64 oracle"].values()) < 1e-4
+    assert max(report["exactness"]["bfloat16 fast vs float64 oracle"].values()) < 0.5
+    ratios = report["speed (bfloat16)"]["ratio_to_plain"]
+    assert ratios["plain f+b"] == 1.0 and ratios["reference"] > ratios["fast (layers)"] > 0
+    assert report["memory (bfloat16)"]["measured_mib"] > 0 and report["memory (bfloat16)"]["estimated_mib"] > 0
+
+
+@pytest.mark.slow
+def test_half_precision_table_runs(tmp_path):
+    out = subprocess.run([sys.executable, "benchmarks/half_precision.py", "--small", "--out", str(tmp_path / "h.md")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = (tmp_path / "h.md").read_text()
+    assert "| zoo target (0.85 M, trained) | bfloat16 |" in table and "| float16 |" in table
