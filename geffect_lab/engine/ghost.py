@@ -21,6 +21,7 @@ per-token G-effects — at the cost of one tangent pass, with no extra backward.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import NamedTuple
@@ -109,8 +110,9 @@ def _innermost_module(err: BaseException) -> nn.Module | None:
     return found
 
 
-# (id(model), owner ids) -> [(id(never-called owner), the ancestor that adopts its parameters)]; one model at a time
-_ADOPTIONS: dict[tuple, list[tuple[int, nn.Module]]] = {}
+# model -> (its module names, [(never-called owner, the ancestor that adopts its parameters)]) by qualified name;
+# weak keys, names as values, so that nothing here keeps a model alive
+_ADOPTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class UnsupportedModuleError(ValueError):
@@ -195,14 +197,16 @@ class GhostPass:
         (forward and backward, once per model) finds the owners that are never called yet whose parameters get a
         gradient; each is handed to its nearest ancestor that is called, whose local jvp then covers them."""
         self._adopted = True
-        key = (id(self.model), tuple(id(m) for m, _ in self._owners))
-        if key not in _ADOPTIONS:
-            _ADOPTIONS.clear()
-            _ADOPTIONS[key] = self._probe(fn)
+        names = tuple(self._module_names.values())
+        known = _ADOPTIONS.get(self.model)
+        if known is None or known[0] != names:  # first use, or the model's structure changed since
+            known = _ADOPTIONS[self.model] = (names, self._probe(fn))
+        modules = dict(self.model.named_modules())
         by_module = {id(m): (m, own) for m, own in self._owners}
-        for child_id, ancestor in _ADOPTIONS[key]:
-            child, own = by_module.pop(child_id)
-            prefix = next(n for n, m in ancestor.named_modules() if m is child)
+        for child_name, ancestor_name in known[1]:
+            child, own = by_module.pop(id(modules[child_name]))
+            ancestor = modules[ancestor_name]
+            prefix = child_name[len(ancestor_name) + 1:] if ancestor_name else child_name
             moved = [(f"{prefix}.{n}", p, g) for n, p, g in own]
             if id(ancestor) in by_module:
                 by_module[id(ancestor)][1].extend(moved)
@@ -210,7 +214,7 @@ class GhostPass:
                 by_module[id(ancestor)] = (ancestor, moved)
         self._owners = list(by_module.values())
 
-    def _probe(self, fn) -> list[tuple[int, nn.Module]]:
+    def _probe(self, fn) -> list[tuple[str, str]]:
         called: set[int] = set()
         handles = [m.register_forward_pre_hook(lambda m, *_: called.add(id(m))) for m in self.model.modules()]
         try:
@@ -239,7 +243,7 @@ class GhostPass:
                 raise UnsupportedModuleError(
                     f"the parameters of {self._module_names.get(id(module), '?')!r} ({type(module).__qualname__}) get "
                     "a gradient, but neither the module nor any module above it is called in the forward pass")
-            out.append((id(module), ancestor))
+            out.append((self._module_names[id(module)], self._module_names[id(ancestor)]))
         return out
 
     # ------------------------------------------------------------------ local tangents of one module
