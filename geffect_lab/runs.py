@@ -30,7 +30,14 @@ import xarray as xr
 from . import __version__
 from ._batching import eval_mode, swapped_parameters, trainable_parameters, update_direction
 from .data import encode, example_field, example_id, load_world, spread
-from .engine.api import check_verify, make_axes, model_description, prepare_targets
+from .engine.api import (
+    check_chunk_size,
+    check_verify,
+    make_axes,
+    model_description,
+    prepare_targets,
+    resolve_chunk_size,
+)
 from .engine.core import fast_effects, term_gradients
 from .engine.forward import check_fits, encode_side, reference_quantities, resolve_layers, risk_and_tokens
 from .engine.groups import layer_groups
@@ -295,8 +302,8 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
     reference:
         The frozen reference for NPO-like terms: ``None`` is the model at step 0.
     chunk_size, save_every, out:
-        Evaluation instances per pass; write the partial Dataset to ``out`` every ``save_every`` recorded
-        steps (atomically) and the whole one at the end.
+        Evaluation instances per pass (``"auto"``: the largest that fits in memory); write the partial Dataset
+        to ``out`` every ``save_every`` recorded steps (atomically) and the whole one at the end.
     eval_every, retain_model, retain_reference, max_new_tokens:
         Every ``eval_every`` steps (and after the last update) record TOFU's metrics (:mod:`geffect_lab.metrics`)
         at θ_t: per evaluation instance ``probability``, ``truth_ratio``, ``truth_ratio_score``, ``rouge_l``,
@@ -318,6 +325,7 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
     if record_every < 1:
         raise ValueError("record_every must be 1 or more")
     check_verify(verify)
+    check_chunk_size(chunk_size)
     verified = False
     out_path = _check_writable(out) if out is not None else None
     if save_every is not None and out_path is None:
@@ -388,13 +396,18 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
     # ---- the evaluation instances and the Dataset's axes
     targets, ids, splits, examples, slices = prepare_targets(tokenizer, eval_sets, template)
     check_fits(work, targets, ids, "eval")
+    encoded = {}
     for role, examples_ in (("forget", forget_examples), ("retain", train_retain if retain_stream else [])):
         if examples_:
             side = encode_side(tokenizer, examples_, refusals=refusals, need_alt=needs_alt and role == "forget",
                                template=template, role=role)
             check_fits(work, side.batch, side.ids, role)
+            encoded[role] = {k: v[:batch_size] for k, v in side.batch.items()}  # one step's samples
             if side.alt is not None:
                 check_fits(work, side.alt, side.ids, f"{role} (with its refusal answer)")
+    chunk_size = resolve_chunk_size(work, chunk_size, targets, list(encoded.values()), n_terms=len(obj.terms),
+                                    per_token="g_effect_token" in record, pg="pg_effect" in record,
+                                    n_sets=len(slices), verify=verify != "never")
     token_count = (targets["labels"][:, 1:] != -100).sum(1).numpy()
     width = max(int(token_count.max()), 1)
     sample_ids = [example_id(e, i) for i, e in enumerate(forget_examples)]

@@ -193,3 +193,14 @@ def test_g_effect_with_chunk_size_auto_gives_the_same_numbers(target, world):
     for bad in (0, -3, 2.5, "big"):
         with pytest.raises(ValueError, match=f"chunk_size={bad!r} is not valid"):
             gl.g_effect(model, tok, "npo", chunk_size=bad, **args)
+
+
+def test_unlearn_takes_chunk_size_auto_and_refuses_a_bad_one(target, world):
+    model, tok = target
+    args = dict(forget=world["forget05"][:4], eval={"targeted": world["forget05"][4:8]}, steps=1, progress=False,
+                record=("g_effect",))
+    auto = gl.unlearn(model, tok, "ga", chunk_size="auto", **args)
+    plain = gl.unlearn(model, tok, "ga", chunk_size=2, **args)
+    assert gl.testing.relative_error(auto.g_effect, plain.g_effect) <= 1e-5
+    with pytest.raises(ValueError, match="chunk_size=-1 is not valid"):
+        gl.unlearn(model, tok, "ga", chunk_size=-1, **args)

@@ -17,7 +17,8 @@ from .core import fast_effects, reference_effects
 from .forward import check_fits, encode_side, reference_quantities, resolve_layers
 from .groups import layer_groups
 
-__all__ = ["g_effect", "Measurement", "prepare_targets", "model_description", "make_axes"]
+__all__ = ["g_effect", "Measurement", "prepare_targets", "model_description", "make_axes", "check_chunk_size",
+           "resolve_chunk_size"]
 
 ENGINES = ("fast", "reference")
 VERIFY = ("first", "always", "never")
@@ -112,6 +113,29 @@ def g_effect(model, tokenizer, objective="ga", params: Mapping[str, Any] | None 
     return m.measure(model, step=step, engine=engine, per_token=per_token, pg=pg, chunk_size=chunk_size)
 
 
+def check_chunk_size(chunk_size) -> None:
+    if chunk_size is None or chunk_size == "auto":
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} is not valid; use a whole number >= 1 (target instances per "
+                         "pass), None (all at once) or 'auto' (the largest that fits in memory)")
+
+
+def resolve_chunk_size(model, chunk_size, targets: dict, samples: Sequence[dict], *, per_token: bool, pg: bool,
+                       n_terms: int, n_sets: int, verify: bool) -> int | None:
+    """``chunk_size`` checked; ``"auto"``: the largest chunk of the ``targets`` batch whose estimated peak memory
+    fits 80 % of the model device's free memory (:func:`geffect_lab.memory.auto_chunk_size`)."""
+    check_chunk_size(chunk_size)
+    if chunk_size != "auto":
+        return chunk_size
+    from ..memory import auto_chunk_size
+
+    seq_len = int(max(b["attention_mask"].sum(1).max() for b in [targets, *samples]))
+    return auto_chunk_size(model, int(targets["input_ids"].shape[0]), seq_len, per_token=per_token, pg=pg,
+                           n_terms=n_terms, n_sets=n_sets, n_samples=int(samples[0]["input_ids"].shape[0]),
+                           verify=verify)
+
+
 class Measurement:
     """One G-effect measurement set up once and taken at any parameters: the objective resolved for the model,
     the forget (and retain) samples and the targets encoded, the reference quantities cached on first use.
@@ -183,22 +207,10 @@ class Measurement:
                                  self.ids, self.slices, chunk_size=chunk_size, per_token=per_token, pg=pg)
 
     def chunk_size(self, model, chunk_size, *, per_token: bool, pg: bool) -> int | None:
-        """``chunk_size`` checked; ``"auto"``: the largest chunk whose estimated peak memory fits 80 % of the
-        model device's free memory (:func:`geffect_lab.memory.auto_chunk_size`)."""
-        if chunk_size == "auto":
-            from ..memory import auto_chunk_size
-
-            seq_len = int(max([self.batch["attention_mask"].sum(1).max()] +
-                              [s.batch["attention_mask"].sum(1).max() for s in self.sides.values()]))
-            return auto_chunk_size(model, len(self.ids), seq_len, per_token=per_token, pg=pg,
-                                   n_terms=len(self.objective.terms), n_sets=len(self.slices),
-                                   n_samples=len(self.sides["forget"].ids),
-                                   verify=self.verify == "always" or not self._verified)
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                       or chunk_size < 1):
-            raise ValueError(f"chunk_size={chunk_size!r} is not valid; use a whole number >= 1 (target instances "
-                             "per pass), None (all at once) or 'auto' (the largest that fits in memory)")
-        return chunk_size
+        """``chunk_size`` checked, ``"auto"`` resolved (:func:`resolve_chunk_size`)."""
+        return resolve_chunk_size(model, chunk_size, self.batch, [s.batch for s in self.sides.values()],
+                                  per_token=per_token, pg=pg, n_terms=len(self.objective.terms),
+                                  n_sets=len(self.slices), verify=self.verify == "always" or not self._verified)
 
     def dataset(self, model, effects, step: int, data=None, engine: str = "fast") -> xr.Dataset:
         """A one-step Dataset from :meth:`effects`, with ``data`` (e.g. ``learning_rate``) added."""
