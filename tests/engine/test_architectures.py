@@ -93,8 +93,8 @@ def _write_table(outcomes: list[dict]) -> None:
         f"{len(built) - len(exact) - len(refused)} wrong or crashed; {len(outcomes) - len(built)} of "
         f"{len(outcomes)} not instantiable.**",
         "",
-        "| model type | outcome | parameters | g_effect | pg_effect | g_effect_token | tol | seconds | why |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| model type | outcome | parameters | g_effect | pg_effect | g_effect_token | tol | why |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for o in outcomes:
         e = o.get("errors") or {}
@@ -104,6 +104,6 @@ def _write_table(outcomes: list[dict]) -> None:
         if len(why) > 300:
             why = why[:297] + "..."
         lines.append(f"| `{o['model_type']}` | {o['status']} | {o['parameters'] or ''} | {' | '.join(cells)} | "
-                     f"{tol} | {o['seconds']:.1f} | {why} |")
+                     f"{tol} | {why} |")
     TABLE.parent.mkdir(exist_ok=True)
     TABLE.write_text("\n".join(lines) + "\n")
