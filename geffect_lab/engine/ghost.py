@@ -298,8 +298,8 @@ class GhostPass:
             return None
         y = self._evaluate_with(module, grads, args, kwargs)
         if known is None:
-            self._linear_norm[key] = isinstance(module, LINEAR_NORMS) and type(module) in LINEAR_NORMS or \
-                self._passes_linearity(module, grads, y, args, kwargs)
+            self._linear_norm[key] = (type(module) in LINEAR_NORMS
+                                      or self._passes_linearity(module, grads, y, args, kwargs))
         return y if self._linear_norm[key] else None
 
     def _passes_linearity(self, module, grads, y, args, kwargs) -> bool:
