@@ -12,9 +12,16 @@ import torch
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device of the model's input embedding (where token ids must go)."""
     try:
-        return model.get_input_embeddings().weight.device
+        embedding = model.get_input_embeddings()
+        device = embedding.weight.device
     except (AttributeError, NotImplementedError):
-        return next(model.parameters()).device
+        embedding, device = model, next(model.parameters()).device
+    if device.type == "meta":  # weights offloaded by accelerate: its hook says where the forward runs
+        hook = getattr(embedding, "_hf_hook", None)
+        for h in getattr(hook, "hooks", [hook]):
+            if getattr(h, "execution_device", None) is not None:
+                return torch.device(h.execution_device)
+    return device
 
 
 def check_device(device) -> torch.device:

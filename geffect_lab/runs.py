@@ -40,7 +40,8 @@ from .engine.api import (
 )
 from .engine.core import fast_effects, term_gradients
 from .engine.forward import check_fits, encode_side, reference_quantities, resolve_layers, risk_and_tokens
-from .engine.groups import layer_groups
+from .engine.groups import ModelStructureError, layer_groups
+from .engine.offload import is_offloaded
 from .objectives import Objective, ObjectiveError, resolve_objective
 from .results import DIMS, make_dataset, save
 
@@ -365,6 +366,11 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
     work = model if inplace else copy.deepcopy(model)
     if reference is None and needs_ref:
         reference = copy.deepcopy(model) if inplace else model  # the caller's untouched model is the reference
+    if is_offloaded(work):
+        raise ModelStructureError(
+            f"{type(work).__name__} is offloaded by accelerate (its weights are swapped in at each call and dropped "
+            "after): an update to them would not persist. unlearn trains the model, so load it in one piece (or "
+            "with a device_map over devices that hold the weights); gl.g_effect measures an offloaded model")
     groups = layer_groups(work)
     params_list = trainable_parameters(work)
     if not params_list:

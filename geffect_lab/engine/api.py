@@ -16,6 +16,7 @@ from ..results import Axes, effects_dataset
 from .core import fast_effects, reference_effects
 from .forward import check_fits, encode_side, reference_quantities, resolve_layers
 from .groups import layer_groups
+from .offload import is_offloaded, resident
 
 __all__ = ["g_effect", "Measurement", "prepare_targets", "model_description", "make_axes", "check_chunk_size",
            "resolve_chunk_size"]
@@ -182,7 +183,7 @@ class Measurement:
         Dataset's ``reference`` attribute."""
         for side in self.sides.values():
             side.ref.clear()
-        with torch.no_grad(), eval_mode(reference):
+        with torch.no_grad(), eval_mode(reference), resident(reference):
             for term in self.objective.terms:
                 reference_quantities(reference, self.sides[term.spec.role], term.spec.needs,
                                      term.params.get("layer"))
@@ -194,17 +195,21 @@ class Measurement:
         if self.reference is None:
             raise RuntimeError("call set_reference(model) first (the reference quantities are taken then)")
         chunk_size = self.chunk_size(model, chunk_size, per_token=per_token, pg=pg)
-        if engine == "fast":
+        if extra and engine != "fast":
+            raise ValueError("extra directions are a fast-engine feature")
+        offloaded = is_offloaded(model)
+        with resident(model):  # offloaded weights held on the model, as one set of parameters, for the pass
+            # (the parameter objects are new then, so their groups are taken again)
+            groups = layer_groups(model) if offloaded else self.groups
+            if engine == "reference":
+                return reference_effects(model, groups, self.objective, self.sides, self.reference, self.batch,
+                                         self.ids, self.slices, chunk_size=chunk_size, per_token=per_token, pg=pg)
             verify = self.verify == "always" or (self.verify == "first" and not self._verified)
-            out = fast_effects(model, self.groups, self.objective, self.sides, self.reference, self.batch, self.ids,
+            out = fast_effects(model, groups, self.objective, self.sides, self.reference, self.batch, self.ids,
                                self.slices, chunk_size=chunk_size, per_token=per_token, pg=pg, extra=extra,
                                verify=verify)
-            self._verified = True
-            return out
-        if extra:
-            raise ValueError("extra directions are a fast-engine feature")
-        return reference_effects(model, self.groups, self.objective, self.sides, self.reference, self.batch,
-                                 self.ids, self.slices, chunk_size=chunk_size, per_token=per_token, pg=pg)
+        self._verified = True
+        return out
 
     def chunk_size(self, model, chunk_size, *, per_token: bool, pg: bool) -> int | None:
         """``chunk_size`` checked, ``"auto"`` resolved (:func:`resolve_chunk_size`)."""

@@ -79,11 +79,13 @@ def layer_groups(model: nn.Module) -> LayerGroups:
     """Assign every parameter of ``model`` to one layer group (see the module's docstring)."""
     meta = next((n for n, p in model.named_parameters() if p.device.type == "meta"), None)
     if meta is not None:
-        raise ModelStructureError(
-            f"parameter {meta!r} of {type(model).__name__} is on the meta device (accelerate's CPU or disk offload "
-            "keeps weights off the model between calls, and swaps them in as new tensors at each call): G-effects "
-            "need every parameter resident. Load with a device_map over devices that hold the weights (several "
-            "GPUs, or 'cpu'), without offload")
+        from .offload import is_offloaded
+
+        if not is_offloaded(model):
+            raise ModelStructureError(
+                f"parameter {meta!r} of {type(model).__name__} is on the meta device and no accelerate offload hook "
+                "brings its weights in (a model built under init_empty_weights and never loaded?): load the "
+                "weights first (from_pretrained, or accelerate's load_checkpoint_and_dispatch)")
     blocks_path, blocks = find_blocks(model)
     n_blocks = len(blocks)
     names = ["embed"] + [f"layers.{i}" for i in range(n_blocks)] + ["norm", "lm_head"]
