@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from . import metrics, objectives, runs, schema, testing, zoo
+from ._version import __version__
+from .data import Example, World, encode, load_world
+from .engine import Measurement, g_effect, layer_groups
+from .memory import auto_chunk_size, estimate_memory
+from .metrics import evaluate, read_open_unlearning
+from .objectives import get_objective, list_objectives, objective
+from .recorder import GEffectRecorder
+from .results import combine, load, save
+from .runs import RunConfig, unlearn
 
-from . import metrics, objectives, runs, testing, zoo  # noqa: E402
-from .data import Example, World, encode, load_world  # noqa: E402
-from .engine import g_effect, layer_groups  # noqa: E402
-from .memory import auto_chunk_size, estimate_memory  # noqa: E402
-from .metrics import evaluate, read_open_unlearning  # noqa: E402
-from .objectives import get_objective, list_objectives, objective  # noqa: E402
-from .recorder import GEffectRecorder  # noqa: E402
-from .results import combine, load, save  # noqa: E402
-from .runs import unlearn  # noqa: E402
+__all__ = ["__version__", "zoo", "objectives", "runs", "metrics", "schema", "testing", "evaluate",
+           "read_open_unlearning", "load_world", "encode", "Example", "World", "g_effect", "Measurement",
+           "layer_groups", "get_objective", "list_objectives", "objective", "GEffectRecorder", "unlearn", "RunConfig",
+           "save", "load", "combine", "estimate_memory", "auto_chunk_size"]
 
-__all__ = ["__version__", "zoo", "objectives", "runs", "metrics", "testing", "evaluate", "read_open_unlearning",
-           "load_world", "encode", "Example", "World", "g_effect", "layer_groups", "get_objective",
-           "list_objectives", "objective", "GEffectRecorder", "unlearn", "save", "load", "combine",
-           "estimate_memory", "auto_chunk_size"]
+
+_LAZY = ("plots", "widgets", "attribution", "Dashboard")
 
 
 def __getattr__(name: str):
@@ -29,3 +31,8 @@ def __getattr__(name: str):
     if name == "Dashboard":
         return importlib.import_module(".widgets", __name__).Dashboard
     raise AttributeError(f"module 'geffect_lab' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The public names, the lazy ones included (tab completion shows what ``gl.`` offers, not internals)."""
+    return sorted(set(__all__) | set(_LAZY))

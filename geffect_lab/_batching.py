@@ -41,6 +41,40 @@ def check_device(device) -> torch.device:
     return dev
 
 
+@contextmanager
+def captured_output(module: torch.nn.Module | None) -> Iterator[list[torch.Tensor]]:
+    """A list that receives ``module``'s output (its first element, for a block returning a tuple) at every
+    forward inside the block; the hook is removed on exit, whatever happens. ``None``: nothing is captured."""
+    captured: list[torch.Tensor] = []
+    if module is None:
+        yield captured
+        return
+
+    def grab(_module, _args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    handle = module.register_forward_hook(grab)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Log-softmax over the vocabulary; a half-precision model's logits are taken in float32 first."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def pad_id(tokenizer) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its EOS, else 0."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
 def trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop the padding columns that every row of a right-padded batch shares."""
     width = int(batch["attention_mask"].sum(1).max())
@@ -101,3 +135,16 @@ def update_direction(params: Sequence[torch.nn.Parameter], before: Sequence[torc
     if not lr:
         raise ValueError("the update effect needs the step's learning rate (lr > 0)")
     return {id(p): (b - p.detach()) / lr for p, b in zip(params, before)}
+
+
+class TokenizerMismatchError(ValueError):
+    """A tokenizer whose ids do not fit the model's embedding."""
+
+
+def check_tokenizer(model, tokenizer) -> None:
+    """Refuse a tokenizer with more tokens than the model has embedding rows."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise TokenizerMismatchError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows: they do "
+            "not belong together. Load the tokenizer saved with this model.")

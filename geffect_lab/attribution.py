@@ -37,13 +37,14 @@ import numpy as np
 import torch
 import xarray as xr
 
-from ._batching import eval_mode, model_device
+from ._batching import captured_output, eval_mode, model_device, pad_id
 from .data import encode, example_field, example_id
 from .engine.forward import answer_logp, hidden_at_answers
 from .engine.groups import find_blocks, layer_groups
 from .objectives import ObjectiveError, ObjectiveInputs, resolve_objective
+from .schema import validate
 
-__all__ = ["tokens", "layers", "TOKEN_METHODS", "LAYER_METHODS"]
+__all__ = ["tokens", "layers", "TOKEN_METHODS", "LAYER_METHODS", "prompt_positions"]
 
 TOKEN_METHODS = ("integrated_gradients", "feature_ablation")
 LAYER_METHODS = ("gradient_x_activation", "conductance")
@@ -80,18 +81,10 @@ class _Target:
         mask = self.attention_mask.repeat(reps, 1)
         needs = self.term.spec.needs if self.term is not None else frozenset()
         hidden_layer = self.term.params.get("layer") if needs & {"hidden", "ref_hidden"} else None
-        captured = []
-        handle = None
-        if hidden_layer is not None:
-            block = find_blocks(self.model)[1][hidden_layer]
-            handle = block.register_forward_hook(
-                lambda _m, _a, out: captured.append(out[0] if isinstance(out, tuple) else out))
+        block = find_blocks(self.model)[1][hidden_layer] if hidden_layer is not None else None
         feed = {"inputs_embeds": input_ids} if input_ids.is_floating_point() else {"input_ids": input_ids}
-        try:
+        with captured_output(block) as captured:
             logits = self.model(**feed, attention_mask=mask.to(input_ids.device)).logits
-        finally:
-            if handle is not None:
-                handle.remove()
         logp, amask, full, pos = answer_logp(logits, labels.to(input_ids.device),
                                              full=bool(needs & {"full_logp", "ref_full_logp"}))
         out = {"logp": logp, "mask": amask, "full_logp": full}
@@ -113,7 +106,7 @@ class _Target:
         return self.term.spec.fn(inputs, **self.term.params)
 
 
-def _prompt_positions(batch, tokenizer) -> torch.Tensor:
+def prompt_positions(batch, tokenizer) -> torch.Tensor:
     """[instance, position] bool: the prompt's tokens (not BOS, not the answer, not padding)."""
     ids = batch["input_ids"]
     prompt = (batch["labels"] == -100) & (batch["attention_mask"] == 1)
@@ -125,7 +118,7 @@ def _prompt_positions(batch, tokenizer) -> torch.Tensor:
 def _baseline_id(tokenizer, baseline_token: int | None) -> int:
     if baseline_token is not None:
         return int(baseline_token)
-    return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else 0
+    return pad_id(tokenizer)
 
 
 def _to_prompt_axis(values: torch.Tensor, prompt: torch.Tensor, width: int) -> np.ndarray:
@@ -143,11 +136,11 @@ def tokens(model, tokenizer, instances: Sequence[Any], target="answer_logprob", 
     """Attribution of each instance's answer log-probability (or of ``target``, an objective such as ``"npo"``,
     its per-sample loss) to its prompt tokens.
 
-    Returns a DataArray ``[instance, token, method]`` (``token`` = position among the prompt's tokens, BOS left
-    out) with coords ``token_text(instance, token)``, ``split``-free instance ids, and ``convergence_delta
-    (instance)``: integrated gradients' completeness gap ``Σ attribution − (F(x) − F(baseline))`` (raise
-    ``n_steps`` when it is large: saturated models need more). Select a method with
-    ``da.sel({"method": "integrated_gradients"})`` — ``sel(method=...)`` is xarray's own keyword.
+    Returns a DataArray ``[instance, prompt_token, method]`` (``prompt_token`` = position among the prompt's
+    tokens, BOS left out) with coords ``prompt_token_text(instance, prompt_token)``, ``split``-free instance
+    ids, and ``convergence_delta(instance)``: integrated gradients' completeness gap
+    ``Σ attribution − (F(x) − F(baseline))`` (raise ``n_steps`` when it is large: saturated models need more).
+    Select a method with ``da.sel({"method": "integrated_gradients"})`` — ``sel(method=...)`` is xarray's own keyword.
     """
     unknown = set(methods) - set(TOKEN_METHODS)
     if unknown:
@@ -160,7 +153,7 @@ def tokens(model, tokenizer, instances: Sequence[Any], target="answer_logprob", 
     batch = encode(tokenizer, instances, template)
     device = model_device(model)
     batch = {k: v.to(device) for k, v in batch.items()}
-    prompt = _prompt_positions(batch, tokenizer)
+    prompt = prompt_positions(batch, tokenizer)
     width = max(int(prompt.sum(1).max()), 1)
     base_id = _baseline_id(tokenizer, baseline_token)
     baseline = torch.where(prompt, torch.full_like(batch["input_ids"], base_id), batch["input_ids"])
@@ -201,17 +194,17 @@ def tokens(model, tokenizer, instances: Sequence[Any], target="answer_logprob", 
     order = [m for m in TOKEN_METHODS if m in results]
     data = np.stack([results[m] for m in order], axis=-1)
     da = xr.DataArray(
-        data, dims=("instance", "token", "method"),
+        data, dims=("instance", "prompt_token", "method"),
         coords={"instance": np.array([example_id(e, i) for i, e in enumerate(instances)], dtype=object),
-                "token": np.arange(width), "method": np.array(order, dtype=object),
-                "token_text": (("instance", "token"), texts),
+                "prompt_token": np.arange(width), "method": np.array(order, dtype=object),
+                "prompt_token_text": (("instance", "prompt_token"), texts),
                 "question": ("instance", np.array([example_field(e, "question") for e in instances], dtype=object)),
                 "convergence_delta": ("instance", delta)},
         name="token_attribution",
-        attrs={"long_name": "token attribution",
+        attrs={"long_name": "token attribution", "units": "nat",
                "description": f"attribution of {fn.name} to each prompt token (Captum; baseline: the pad token)",
                "target": fn.name, "n_steps": n_steps, "engine": engine})
-    return da
+    return validate(da, where="attribution.tokens")
 
 
 def _captum_llm(model, tokenizer, instances, batch, prompt, methods, n_steps, base_id, width, template):
@@ -224,9 +217,9 @@ def _captum_llm(model, tokenizer, instances, batch, prompt, methods, n_steps, ba
         TextTokenInput,
     )
 
-    from .data import _template
+    from .data import resolve_template
 
-    tpl = _template(template)
+    tpl = resolve_template(template)
     skip = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else None
     results = {m: np.full((len(instances), width), np.nan) for m in methods}
     delta = np.full(len(instances), np.nan)
@@ -279,7 +272,7 @@ def layers(model, tokenizer, instances: Sequence[Any], *, method: str = "gradien
         else:
             # conductance interpolates the model's inputs: feed embeddings, the prompt's going to the pad token's
             embed = model.get_input_embeddings()
-            prompt = _prompt_positions(batch, tokenizer)
+            prompt = prompt_positions(batch, tokenizer)
             base_ids = torch.where(prompt, torch.full_like(batch["input_ids"], _baseline_id(tokenizer, None)),
                                    batch["input_ids"])
             with torch.no_grad():
@@ -297,11 +290,12 @@ def layers(model, tokenizer, instances: Sequence[Any], *, method: str = "gradien
     for j, name in enumerate(groups.names):
         if name in values:
             data[:, j] = values[name]
-    return xr.DataArray(
+    return validate(xr.DataArray(
         data, dims=("instance", "layer"),
         coords={"instance": np.array([example_id(e, i) for i, e in enumerate(instances)], dtype=object),
                 "layer": np.array(groups.names, dtype=object), "layer_index": ("layer", np.array(groups.index))},
         name="layer_attribution",
-        attrs={"long_name": "layer attribution", "method": method,
+        attrs={"long_name": "layer attribution", "method": method, "units": "nat",
                "description": f"Captum {method} of the answer log-probability at each layer's output, summed over "
-                              "positions and hidden units (norm and lm_head: not attributed)"})
+                              "positions and hidden units (norm and lm_head: not attributed)"}),
+        where="attribution.layers")

@@ -26,8 +26,10 @@ from typing import Any
 
 import torch
 
+from ._batching import pad_id
+
 __all__ = ["Example", "World", "WorldFormatError", "load_world", "encode", "PromptTemplate", "TEMPLATES",
-           "DEFAULT_TEMPLATE", "example_id", "example_field", "data_dir", "tofu_dir", "spread"]
+           "DEFAULT_TEMPLATE", "resolve_template", "example_id", "example_field", "data_dir", "tofu_dir", "spread"]
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 
@@ -326,7 +328,8 @@ TEMPLATES: dict[str, PromptTemplate] = {
 DEFAULT_TEMPLATE = TEMPLATES["plain"]
 
 
-def _template(template: PromptTemplate | str | None) -> PromptTemplate:
+def resolve_template(template: PromptTemplate | str | None) -> PromptTemplate:
+    """A :class:`PromptTemplate` from ``None`` (the default), a known template's name, or a template."""
     if template is None:
         return DEFAULT_TEMPLATE
     if isinstance(template, str):
@@ -340,12 +343,10 @@ def _template(template: PromptTemplate | str | None) -> PromptTemplate:
 def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], template: PromptTemplate | str | None = None,
                  max_length: int | None = None) -> dict[str, torch.Tensor]:
     """Encode (question, answer) text pairs; see :func:`encode`."""
-    tpl = _template(template)
+    tpl = resolve_template(template)
     if not pairs:
         raise ValueError("nothing to encode: the list of examples is empty")
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    pad = pad_id(tokenizer)
     rows, labels = [], []
     for question, answer in pairs:
         prompt_ids = tokenizer(tpl.prompt.format(question=question), add_special_tokens=True)["input_ids"]
@@ -363,7 +364,7 @@ def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], template: PromptTe
         rows.append(ids)
         labels.append(lab)
     width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     label_t = torch.full((len(rows), width), -100, dtype=torch.long)
     for i, (ids, lab) in enumerate(zip(rows, labels)):

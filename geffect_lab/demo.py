@@ -15,13 +15,6 @@ from .runs import unlearn
 DEMO_OBJECTIVES = ("ga", "npo", "wga")
 
 
-def exact_match_table(model, tok, world) -> pd.DataFrame:
-    """One row per split: instances, authors and the model's greedy exact-match."""
-    table = world.summary()
-    table["exact_match"] = [float(exact_match(model, tok, world[s]).mean()) for s in table.index]
-    return table
-
-
 def run_demo(out_dir: Path = Path("results"), steps: int = 15, objectives=DEMO_OBJECTIVES) -> pd.DataFrame:
     """Unlearn forget05 from the zoo's ``target`` with each objective; write ``<objective>.nc`` and a summary."""
     world = load_world()

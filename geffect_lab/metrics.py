@@ -40,13 +40,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._batching import chunks, eval_mode, model_device, shifted, to_device
-from .data import PromptTemplate, _template, encode, encode_pairs, example_field, example_id, spread
+from ._batching import check_tokenizer, chunks, eval_mode, log_probs, model_device, shifted, to_device
+from .data import PromptTemplate, encode, encode_pairs, example_field, example_id, resolve_template, spread
+from .results import flat_attrs
+from .schema import EVALUATION_METRICS, SCHEMA_VERSION, annotate, validate
 
 __all__ = ["exact_match", "token_accuracy", "exact_memorization", "probability", "probability_with_options",
            "truth_ratio", "truth_ratio_score", "generate_answers", "rouge_l_recall", "rouge_l",
-           "extraction_strength", "forget_quality", "model_utility", "RetainReference", "evaluate",
-           "read_open_unlearning", "read_tofu_log", "MetricInputError", "PER_INSTANCE", "instance_metrics",
+           "extraction_strength", "forget_quality", "log10_forget_quality", "model_utility", "RetainReference",
+           "evaluate", "read_open_unlearning", "read_tofu_log", "MetricInputError", "PER_INSTANCE", "instance_metrics",
            "strength_from_hits", "utility_values"]
 
 
@@ -68,7 +70,7 @@ def _teacher_forced(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_si
             part = to_device(part, device)
             logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
             lg, lab, mask = shifted(logits, part["labels"])
-            logp = torch.log_softmax(lg.float() if lg.dtype in (torch.float16, torch.bfloat16) else lg, -1)
+            logp = log_probs(lg)
             tok_logp = logp.gather(-1, lab.clamp_min(0)[..., None]).squeeze(-1)
             counts = mask.sum(1).clamp_min(1)
             nll.append((-(tok_logp * mask).sum(1) / counts).double().cpu())
@@ -222,7 +224,7 @@ def generate_answers(model, tokenizer, examples, max_new_tokens: int | None = No
     answer plus 8, at most 256). Returns the texts and ``[instance]`` bools: True where generation was cut
     by the length bound instead of ending on its own (reported with a warning).
     """
-    tpl = _template(template)
+    tpl = resolve_template(template)
     examples = list(examples)
     prompts = [tokenizer(tpl.prompt.format(question=example_field(e, "question")), add_special_tokens=True)
                ["input_ids"] for e in examples]
@@ -289,7 +291,7 @@ def strength_from_hits(hits: np.ndarray) -> float:
 
 
 def _similar_extraction_strength(model, tokenizer, examples, threshold, batch_size, template):
-    tpl = _template(template)
+    tpl = resolve_template(template)
     answers = []
     for e in examples:
         ids = tokenizer(tpl.answer.format(answer=example_field(e, "answer")), add_special_tokens=False)["input_ids"]
@@ -318,6 +320,11 @@ def _similar_extraction_strength(model, tokenizer, examples, threshold, batch_si
 
 
 # ------------------------------------------------------------------------------ aggregate metrics
+def log10_forget_quality(fq: float) -> float:
+    """log10 of a forget quality: -inf at 0 (a p-value that underflowed), NaN where there is none."""
+    return math.log10(fq) if fq > 0 else (-math.inf if fq == 0 else math.nan)
+
+
 def forget_quality(truth_ratios, reference_truth_ratios) -> float:
     """KS-test p-value between the forget-set truth ratios of a model and of the retain ("oracle") model.
     1 means indistinguishable from never having seen the forget set; TOFU reads < 0.05 as not forgotten."""
@@ -406,7 +413,6 @@ class RetainReference:
 
 
 def _check_same_tokenizer(retain_tok, tok, retain_model) -> None:
-    from .zoo import check_tokenizer
 
     if retain_tok is not tok and retain_tok.get_vocab() != tok.get_vocab():
         raise MetricInputError(
@@ -417,8 +423,7 @@ def _check_same_tokenizer(retain_tok, tok, retain_model) -> None:
 
 
 # ------------------------------------------------------------------------------ evaluate
-PER_INSTANCE = ("probability", "truth_ratio", "truth_ratio_score", "rouge_l", "exact_memorization",
-                "extraction_strength", "extraction_strength_similar", "generated_text", "generation_truncated")
+PER_INSTANCE = EVALUATION_METRICS
 
 
 def instance_metrics(model, tokenizer, examples, *, forget: bool, general: bool = False,
@@ -480,8 +485,6 @@ def evaluate(model, tokenizer, world, forget: str = "forget05", *, retain_model=
     """
     import xarray as xr
 
-    from .results import flat_attrs
-
     general = [s for s in (general if general is not None else ("real_authors", "world_facts")) if s in world]
     sets = {"targeted": spread(world.forget(forget), n), "non_targeted": spread(world[retain_split], n)}
     sets.update({name: spread(world[name], n) for name in general})
@@ -517,15 +520,13 @@ def evaluate(model, tokenizer, world, forget: str = "forget05", *, retain_model=
             model, tokenizer, ref_examples, batch_size, template, split_name=forget)
         fq = forget_quality(ours, reference.truth_ratios(ref_examples, tokenizer))
     ds["forget_quality"] = fq
-    ds["log10_forget_quality"] = math.log10(fq) if fq > 0 else (-np.inf if fq == 0 else np.nan)
+    ds["log10_forget_quality"] = log10_forget_quality(fq)
     ds["model_utility"] = model_utility(utility_values({k: v for k, v in per_set.items() if k != "targeted"}))
-    from .results import SCHEMA_VERSION
-
     ds.attrs.update(flat_attrs({"schema_version": SCHEMA_VERSION, "kind": "evaluation",
                                 "forget_split": forget, "retain_split": retain_split, "general_sets": general,
                                 "retain_reference": reference.name if reference is not None else "",
                                 "world": world.name, "instances_per_set": n or 0}))
-    return annotate_metrics(ds)
+    return validate(annotate(ds), where="evaluate")
 
 
 def _reference(retain_model, retain_reference, template, batch_size) -> RetainReference | None:
@@ -537,12 +538,6 @@ def _reference(retain_model, retain_reference, template, batch_size) -> RetainRe
     if isinstance(source, RetainReference):
         return source
     return RetainReference(source, template=template, batch_size=batch_size)
-
-
-def annotate_metrics(ds):
-    from .results import annotate
-
-    return annotate(ds)
 
 
 # ------------------------------------------------------------------------------ open-unlearning
@@ -563,8 +558,6 @@ def read_open_unlearning(path, world=None, forget: str = "forget10", retain_spli
     ``agg_value`` in the ``agg_values`` attr (JSON).
     """
     import xarray as xr
-
-    from .results import flat_attrs
 
     path = Path(path)
     try:
@@ -619,10 +612,8 @@ def read_open_unlearning(path, world=None, forget: str = "forget10", retain_spli
             ds[scalar] = float(raw[scalar]["agg_value"])
     if "forget_quality" in ds:
         fq = float(ds["forget_quality"])
-        ds["log10_forget_quality"] = math.log10(fq) if fq > 0 else -np.inf
-    from .results import SCHEMA_VERSION
-
+        ds["log10_forget_quality"] = log10_forget_quality(fq)
     ds.attrs.update(flat_attrs({"schema_version": SCHEMA_VERSION, "kind": "evaluation",
                                 "source": str(path), "format": "open-unlearning TOFU_EVAL.json",
                                 "agg_values": {k: v["agg_value"] for k, v in raw.items()}}))
-    return annotate_metrics(ds)
+    return validate(annotate(ds), where=str(path))

@@ -33,6 +33,8 @@ import xarray as xr
 from matplotlib.colors import SymLogNorm, TwoSlopeNorm
 from matplotlib.figure import Figure
 
+from .schema import DIMS
+
 __all__ = ["g_effect_curves", "layer_heatmap", "instance_distributions", "pg_scatter", "trajectory",
            "token_strip", "compare", "metric_curves", "token_attribution", "layer_attribution", "attribution_change",
            "UNLEARNING", "RETAINING", "figure_png", "label"]
@@ -221,7 +223,7 @@ def _runs(ds: xr.Dataset, dim: str | None) -> list[tuple[str, xr.Dataset]]:
 
 
 def _run_dim(ds: xr.Dataset) -> str | None:
-    extra = [d for d in ds.dims if d not in ("step", "instance", "layer", "token", "term", "sample", "against")]
+    extra = [d for d in ds.dims if d not in DIMS]  # a combine dim (objective, run, seed …)
     return extra[0] if extra else None
 
 
@@ -376,7 +378,7 @@ def _attribution_rows(source, instance, step, method):
         da = source.sel({"method": method})
         if instance is not None:
             da = da.sel(instance=[instance] if isinstance(instance, str) else list(instance))
-        return da.values, da["token_text"].values, [str(i) for i in da["instance"].values]
+        return da.values, da["prompt_token_text"].values, [str(i) for i in da["instance"].values]
     if "token_attribution" not in source:
         raise KeyError("this Dataset has no token_attribution (run gl.unlearn(..., attribute_at=[...]))")
     da = source["token_attribution"].sel({"method": method})
@@ -458,9 +460,10 @@ def attribution_change(ds: xr.Dataset, instance: str, *, method: str = "integrat
     before, after = values[0], values[-1]
     keep = ~(np.isnan(before) & np.isnan(after))
     stacked = np.stack([before[keep], after[keep], (after - before)[keep]])
-    source = xr.DataArray(stacked[:, :, None], dims=("instance", "token", "method"),
+    source = xr.DataArray(stacked[:, :, None], dims=("instance", "prompt_token", "method"),
                           coords={"instance": [rows[0], rows[-1], "after - before"], "method": [method],
-                                  "token_text": (("instance", "token"), np.repeat(texts[:1, keep], 3, axis=0))})
+                                  "prompt_token_text": (("instance", "prompt_token"),
+                                                        np.repeat(texts[:1, keep], 3, axis=0))})
     return token_attribution(source, method=method, title=title or f"{instance}: attribution before and after")
 
 

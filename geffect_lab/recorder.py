@@ -34,7 +34,7 @@ import xarray as xr
 
 from ._batching import swapped_parameters, trainable_parameters, update_direction
 from .engine.api import Measurement, check_verify
-from .results import annotate, flat_attrs
+from .results import StepTable
 
 __all__ = ["GEffectRecorder"]
 
@@ -82,7 +82,8 @@ class GEffectRecorder:
         self._reference = reference
         self.per_token, self.pg, self.every, self.chunk_size = per_token, pg, every, chunk_size
         self._measurement: Measurement | None = None
-        self._steps: list[xr.Dataset] = []
+        self._table: StepTable | None = None
+        self._attrs: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ taking measurements
     def due(self, step: int) -> bool:
@@ -94,16 +95,17 @@ class GEffectRecorder:
             m = Measurement(model, self.tokenizer, **self._spec)
             m.set_reference(model if self._initial else self._reference,
                             label="initial model" if self._initial else "given")
-            self._measurement = m
+            self._measurement, self._table = m, StepTable(m.axes, m.token_count)
+            self._attrs = m.attrs(model)
         return self._measurement
 
     def _take(self, model, step: int, lr: float | None, extra=()) -> xr.Dataset:
-        if self._steps and step <= int(self._steps[-1].step[-1]):
-            raise ValueError(f"step {step} was given after step {int(self._steps[-1].step[-1])}: steps must increase")
+        if self._table is not None and self._table.steps and step <= self._table.steps[-1]:
+            raise ValueError(f"step {step} was given after step {self._table.steps[-1]}: steps must increase")
         m = self._ready(model)
-        effects = m.effects(model, per_token=self.per_token, pg=self.pg, chunk_size=self.chunk_size, extra=extra)
-        ds = m.dataset(model, effects, step, data=None if lr is None else {"learning_rate": float(lr)})
-        self._steps.append(ds)
+        ds = m.measure(model, step, data=None if lr is None else {"learning_rate": float(lr)},
+                       per_token=self.per_token, pg=self.pg, chunk_size=self.chunk_size, extra=extra)
+        self._table.add_dataset(ds)
         return ds
 
     def record(self, model, step: int, lr: float | None = None) -> xr.Dataset | None:
@@ -132,18 +134,15 @@ class GEffectRecorder:
 
     # ------------------------------------------------------------------ results
     def __len__(self) -> int:
-        return len(self._steps)
+        return len(self._table) if self._table is not None else 0
 
     def dataset(self) -> xr.Dataset:
-        """Every recorded step in one Dataset (the schema of :func:`geffect_lab.unlearn`'s)."""
-        if not self._steps:
+        """Every recorded step in one Dataset (the schema of :func:`geffect_lab.unlearn`'s); a variable missing
+        at some steps (``learning_rate`` without ``lr``, ``update_effect`` outside :meth:`update`) is NaN there."""
+        if not len(self):
             raise ValueError("nothing recorded yet: call record(model, step) (or use trainer_callback()) first")
-        # a variable missing at some steps (learning_rate without lr, update_effect outside update()) is NaN there
-        ds = annotate(xr.concat(self._steps, dim="step", data_vars="minimal", coords="minimal", compat="override",
-                                join="override", combine_attrs="override"))
-        ds.attrs.update(flat_attrs({"recorded_by": "GEffectRecorder", "record_every": self.every,
-                                    "complete": 1}))
-        return ds
+        return self._table.dataset({**self._attrs, "recorded_by": "GEffectRecorder", "record_every": self.every,
+                                    "complete": 1})
 
     # ------------------------------------------------------------------ HF Trainer
     def trainer_callback(self, update_effect: bool = False):

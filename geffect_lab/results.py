@@ -1,7 +1,6 @@
-"""The result contract: one xarray Dataset per measurement or run (DESIGN.md §4).
-
-Dims ``step``, ``instance``, ``layer``, ``token``, ``term``, ``sample``, ``against``; every variable carries
-``long_name`` and ``description``; attrs are flat and netCDF-safe (nested configuration as JSON strings).
+"""Results Datasets: building them from engine output, saving, loading, combining, and the ``ds.geffect``
+accessor. What they may hold (dims, coordinates, variables) is :mod:`geffect_lab.schema`; attrs are flat and
+netCDF-safe (nested configuration as JSON strings).
 """
 
 from __future__ import annotations
@@ -15,59 +14,19 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-__all__ = ["SCHEMA_VERSION", "SIGN_CONVENTION", "VARIABLES", "DIMS", "Axes", "make_dataset", "effects_dataset",
+from .schema import (
+    COARSE_GROUPS,
+    SCHEMA_VERSION,
+    SIGN_CONVENTION,
+    VARIABLES,
+    SchemaError,
+    annotate,
+    coarse_map,
+    validate,
+)
+
+__all__ = ["SCHEMA_VERSION", "SIGN_CONVENTION", "Axes", "make_dataset", "effects_dataset", "StepTable",
            "flat_attrs", "annotate", "save", "load", "combine", "SchemaError", "GEffectAccessor", "summarize"]
-
-SCHEMA_VERSION = 1
-SIGN_CONVENTION = "dR ≈ -lr * g_effect; g_effect < 0 raises the risk"
-
-# name -> (long_name, description, units)
-VARIABLES: dict[str, tuple[str, str]] = {
-    "g_effect": ("G-effect", "e_{i,l} = <grad_{theta_l} R_i, grad_{theta_l} L_u(term)>: the inner product of "
-                             "instance i's risk gradient with the objective term's gradient, restricted to the "
-                             "parameters of layer group l. Sums over layer and term to the instance's G-effect."),
-    "g_effect_token": ("token G-effect", "e_{i,k} = <grad r_{i,k}, grad L_u>: the G-effect of answer token k's "
-                                         "NLL (all layers, all terms); its mean over tokens is the instance's "
-                                         "G-effect."),
-    "pg_effect": ("PG-effect", "pg_j = <grad R(D), grad l_j>: the forget term's per-sample gradient against the "
-                               "mean risk gradient of the target set named by 'against' (the paper's Eq. 5)."),
-    "update_effect": ("update effect", "<grad_{theta_l} R_i, -delta theta_t / lr>: the inner product with the "
-                                       "optimiser's actual step; equals the G-effect under plain SGD."),
-    "risk": ("risk", "R_i: mean negative log-likelihood of instance i's answer tokens."),
-    "objective_loss": ("objective loss", "L_u: the unlearning objective's value (sum of its weighted terms)."),
-    "term_loss": ("term loss", "weight * mean over samples of the term's per-sample loss."),
-    "sample_loss": ("sample loss", "l_j: the forget term's loss on forget sample j (unweighted)."),
-    "token_count": ("answer tokens", "number of answer tokens of the instance (the risk's denominator)."),
-    "sample_weight": ("objective weight", "the forget term's per-sample gradient weight relative to plain ascent "
-                                          "(NPO: 2 p^beta / (p^beta + p_o^beta); 1 means GA-like)."),
-    "learning_rate": ("learning rate", "the optimiser's learning rate at the step (after warm-up)."),
-    # TOFU metrics (geffect_lab.metrics)
-    "probability": ("probability", "exp(-mean token NLL) of the answer (TOFU's normalised probability); on sets "
-                                   "without paraphrases, normalised over the answer and its perturbed answers."),
-    "truth_ratio": ("truth ratio", "R = P_perturbed / P_paraphrased = exp(NLL(paraphrase) - mean NLL(perturbed))."),
-    "truth_ratio_score": ("truth-ratio score", "min(R, 1/R) on the forget set, max(0, 1 - R) elsewhere."),
-    "rouge_l": ("ROUGE-L recall", "ROUGE-L recall of the greedy answer against the reference answer."),
-    "exact_memorization": ("exact memorisation", "share of answer tokens predicted by the argmax (teacher "
-                                                 "forcing)."),
-    "extraction_strength": ("extraction strength", "1 - k*/|a|, k* the shortest answer prefix from which greedy "
-                                                   "decoding reproduces the rest exactly."),
-    "extraction_strength_similar": ("extraction strength (similar)", "as extraction_strength, the rest counted "
-                                                                     "as reproduced at ROUGE-L recall >= threshold."),
-    "generated_text": ("generated answer", "the greedy answer to the question."),
-    "generation_truncated": ("generation truncated", "1 where greedy generation hit the length bound."),
-    "forget_quality": ("forget quality", "KS-test p-value between the forget-set truth ratios of the model and "
-                                         "of the retain model (1: indistinguishable)."),
-    "log10_forget_quality": ("log10 forget quality", "log10 of the forget quality."),
-    "model_utility": ("model utility", "harmonic mean of probability, ROUGE-L and truth-ratio score on the "
-                                       "retain and general-knowledge sets."),
-    "token_attribution": ("token attribution", "Captum attribution of the answer log-probability to each prompt "
-                                               "token (baseline: the pad token), per method."),
-    "layer_attribution": ("layer attribution", "Captum gradient x activation of the answer log-probability at each "
-                                               "layer's output, summed over positions and hidden units."),
-    "attribution_delta": ("IG convergence delta", "integrated gradients' completeness gap: sum of attributions "
-                                                  "minus (F(x) - F(baseline))."),
-}
-
 
 def flat_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
     """netCDF-safe attrs: str/int/float stay, bools become ints, anything nested becomes a JSON string."""
@@ -82,14 +41,6 @@ def flat_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[key] = json.dumps(value, default=str, sort_keys=True)
     return out
-
-
-def annotate(ds: xr.Dataset) -> xr.Dataset:
-    """Attach ``long_name``/``description`` to every known variable."""
-    for name, (long_name, description) in VARIABLES.items():
-        if name in ds:
-            ds[name].attrs.update(long_name=long_name, description=description)
-    return ds
 
 
 @dataclass
@@ -140,37 +91,17 @@ class Axes:
         }
 
 
-# the dims of every per-step variable
-DIMS: dict[str, tuple[str, ...]] = {
-    "g_effect": ("step", "instance", "layer", "term"),
-    "g_effect_token": ("step", "instance", "token"),
-    "pg_effect": ("step", "sample", "against"),
-    "update_effect": ("step", "instance", "layer"),
-    "risk": ("step", "instance"),
-    "objective_loss": ("step",),
-    "term_loss": ("step", "term"),
-    "sample_loss": ("step", "sample"),
-    "sample_weight": ("step", "sample"),
-    "learning_rate": ("step",),
-    **{name: ("step", "instance") for name in ("probability", "truth_ratio", "truth_ratio_score", "rouge_l",
-                                               "exact_memorization", "extraction_strength", "generated_text")},
-    **{name: ("step",) for name in ("forget_quality", "log10_forget_quality", "model_utility")},
-    # Captum attributions (geffect_lab.attribution)
-    "token_attribution": ("step", "instance", "prompt_token", "method"),
-    "layer_attribution": ("step", "instance", "layer"),
-    "attribution_delta": ("step", "instance"),
-}
-
-
 def make_dataset(axes: Axes, steps: Sequence[int], data: Mapping[str, np.ndarray], token_count: np.ndarray,
                  attrs: Mapping[str, Any] | None = None) -> xr.Dataset:
-    """A results Dataset from per-step arrays (``data[name]`` shaped like :data:`DIMS` ``[name]``)."""
-    data_vars = {name: (DIMS[name], np.asarray(values)) for name, values in data.items() if values is not None}
+    """A results Dataset from per-step arrays (``data[name]`` shaped like the schema's dims of ``name``),
+    validated against :mod:`geffect_lab.schema`."""
+    data_vars = {name: (VARIABLES[name].dims, np.asarray(values)) for name, values in data.items()
+                 if values is not None}
     data_vars["token_count"] = (("instance",), np.asarray(token_count, dtype=np.int64))
     ds = xr.Dataset(data_vars, coords=axes.coords(steps))
     base = {"schema_version": SCHEMA_VERSION, "sign_convention": SIGN_CONVENTION}
     ds.attrs.update(flat_attrs({**base, **(attrs or {})}))
-    return annotate(ds)
+    return validate(annotate(ds), where="make_dataset")
 
 
 def effects_dataset(effects, axes: Axes, step: int = 0, attrs: Mapping[str, Any] | None = None,
@@ -178,8 +109,8 @@ def effects_dataset(effects, axes: Axes, step: int = 0, attrs: Mapping[str, Any]
     """A one-step Dataset from an engine's :class:`~geffect_lab.engine.core.Effects` (``data``: more per-step
     variables, e.g. ``{"learning_rate": 1e-3}``)."""
     values = {
-        "g_effect": effects.g_effect[None],
-        "g_effect_token": effects.g_effect_token[None],
+        "g_effect": None if effects.g_effect is None else effects.g_effect[None],
+        "g_effect_token": None if effects.g_effect_token is None else effects.g_effect_token[None],
         "risk": effects.risk[None],
         "objective_loss": np.array([effects.term_loss.sum()]),
         "term_loss": effects.term_loss[None],
@@ -192,11 +123,47 @@ def effects_dataset(effects, axes: Axes, step: int = 0, attrs: Mapping[str, Any]
     return make_dataset(axes, [step], values, effects.token_count, attrs)
 
 
+class StepTable:
+    """Steps of one run gathered as they are measured and stacked on demand into one Dataset on shared
+    :class:`Axes` (a variable missing at a step is NaN there, ``""`` for text). Every producer of a run —
+    ``unlearn``, the recorder — keeps its steps here; :meth:`dataset` returns fresh arrays each time, so a
+    callback that edits what it is given changes nothing here."""
+
+    def __init__(self, axes: Axes, token_count: np.ndarray):
+        self.axes, self.token_count = axes, np.asarray(token_count)
+        self.steps: list[int] = []
+        self.rows: list[dict[str, np.ndarray]] = []
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def add(self, step: int, values: Mapping[str, Any]) -> None:
+        """A step's values, each shaped like the schema's dims of its name without ``step``."""
+        if self.steps and step <= self.steps[-1]:
+            raise ValueError(f"step {step} was given after step {self.steps[-1]}: steps must increase")
+        self.steps.append(int(step))
+        self.rows.append({name: np.asarray(v) for name, v in values.items()})
+
+    def add_dataset(self, ds: xr.Dataset, **more: Any) -> None:
+        """A one-step Dataset (from :meth:`~geffect_lab.engine.api.Measurement.measure`), with ``more`` values."""
+        own = {name: da.values[0] for name, da in ds.data_vars.items() if "step" in da.dims}
+        self.add(int(ds["step"].values[0]), {**own, **more})
+
+    def dataset(self, attrs: Mapping[str, Any] | None = None) -> xr.Dataset:
+        names = list(dict.fromkeys(name for row in self.rows for name in row))
+        data = {}
+        for name in names:
+            shape = next(row[name].shape for row in self.rows if name in row)
+            text = VARIABLES[name].kind == "text"
+            out = np.full((len(self.rows), *shape), "" if text else np.nan, dtype=object if text else np.float64)
+            for i, row in enumerate(self.rows):
+                if name in row:
+                    out[i] = row[name]
+            data[name] = out
+        return make_dataset(self.axes, self.steps, data, self.token_count, attrs)
+
+
 # ------------------------------------------------------------------------------------------- save / load
-class SchemaError(ValueError):
-    """A results file written under another schema version, or not a geffect-lab file at all."""
-
-
 def save(ds: xr.Dataset, path, *, atomic: bool = True) -> Path:
     """Write a results Dataset to netCDF (HDF5 via h5netcdf). With ``atomic`` the file appears complete or not
     at all (written beside it, then renamed). Returns the path."""
@@ -238,7 +205,7 @@ def load(path) -> xr.Dataset:
         raise SchemaError(f"{path} was written with results schema version {int(version)}; this geffect-lab "
                           f"reads schema version {SCHEMA_VERSION}. Re-run it, or load it with the geffect-lab "
                           "release that wrote it.")
-    return ds
+    return validate(annotate(ds), where=str(path))
 
 
 # ------------------------------------------------------------------------------------------- combine
@@ -286,7 +253,7 @@ def combine(runs, dim: str = "objective", labels: Sequence[str] | None = None) -
     differing = sorted({k for r in runs for k in r.attrs} - set(shared))
     per_run = {k: [r.attrs.get(k, "") for r in runs] for k in differing}
     stacked.attrs = flat_attrs({**shared, f"{dim}_attrs": per_run})
-    return annotate(stacked)
+    return validate(annotate(stacked), where="combine")
 
 
 # ------------------------------------------------------------------------------------------- accessor
@@ -306,7 +273,9 @@ class GEffectAccessor:
         da = self._ds[var]
         return da.sum([d for d in ("layer", "term") if d in da.dims], min_count=1)
 
-    def _mean_over(self, split: str, keep: Sequence[str], var: str) -> xr.DataArray:
+    def split_mean(self, split: str, var: str = "g_effect", keep: Sequence[str] = ()) -> xr.DataArray:
+        """The mean over the instances of ``split`` of ``var`` (summed over layer and term unless kept); a
+        KeyError names the splits there are when ``split`` has no instance."""
         da = self._ds[var]
         drop = [d for d in ("layer", "term") if d in da.dims and d not in keep]
         da = da.sum(drop, min_count=1) if drop else da
@@ -321,15 +290,14 @@ class GEffectAccessor:
     def unlearning(self, keep: Sequence[str] = (), var: str = "g_effect") -> xr.DataArray:
         """e_u: the mean over targeted instances of the G-effect (summed over layers and terms unless named
         in ``keep``, e.g. ``keep=("layer",)``). Negative = the forget risk rises."""
-        return self._mean_over("targeted", keep, var)
+        return self.split_mean("targeted", var, keep)
 
     def retaining(self, keep: Sequence[str] = (), var: str = "g_effect") -> xr.DataArray:
         """e_r: the mean over non-targeted instances. Negative = collateral damage."""
-        return self._mean_over("non_targeted", keep, var)
+        return self.split_mean("non_targeted", var, keep)
 
     def coarse(self, var: str = "g_effect") -> xr.DataArray:
         """The G-effect on the paper's five layer groups (embed, shallow, middle, deep, lm), summed."""
-        from .engine.groups import COARSE_GROUPS, coarse_map
 
         da = self._ds[var]
         mapping = coarse_map(list(map(str, da["layer"].values)))
@@ -380,11 +348,9 @@ def summarize(runs):
             e_r = acc.retaining().mean("step", skipna=True)
             row.update(mean_e_u=float(e_u), mean_e_r=float(e_r),
                        ratio_abs_e_r_e_u=float(abs(e_r) / abs(e_u)) if float(e_u) else np.nan)
-        risk = ds["risk"]
         for split, label in (("targeted", "forget"), ("non_targeted", "retain")):
-            sel = risk.where(ds["split"] == split, drop=True)
-            if sel.sizes.get("instance", 0):
-                mean = sel.mean("instance")
+            if (ds["split"] == split).any():
+                mean = acc.split_mean(split, "risk")
                 row[f"{label}_risk_start"] = float(mean.isel(step=0))
                 row[f"{label}_risk_end"] = float(mean.isel(step=-1))
         if "sample_weight" in ds:

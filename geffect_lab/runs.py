@@ -19,7 +19,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,25 +27,16 @@ import numpy as np
 import torch
 import xarray as xr
 
-from . import __version__
-from ._batching import eval_mode, swapped_parameters, trainable_parameters, update_direction
-from .data import encode, example_field, example_id, load_world, spread
-from .engine.api import (
-    check_chunk_size,
-    check_verify,
-    make_axes,
-    model_description,
-    prepare_targets,
-    resolve_chunk_size,
-)
-from .engine.core import fast_effects, term_gradients
-from .engine.forward import check_fits, encode_side, reference_quantities, resolve_layers, risk_and_tokens
-from .engine.groups import ModelStructureError, layer_groups
+from ._batching import swapped_parameters, trainable_parameters, update_direction
+from .data import encode, example_field, load_world, spread
+from .engine.api import Measurement, check_chunk_size, check_verify
+from .engine.groups import ModelStructureError
 from .engine.offload import is_offloaded
-from .objectives import Objective, ObjectiveError, resolve_objective
-from .results import DIMS, make_dataset, save
+from .objectives import ObjectiveError, resolve_objective
+from .results import StepTable, save
+from .schema import INSTANCE_METRICS
 
-__all__ = ["unlearn", "RECORD_ALL", "PAPER_PROTOCOL", "DEFAULTS", "select_eval", "RunStopped"]
+__all__ = ["unlearn", "RunConfig", "RECORD_ALL", "PAPER_PROTOCOL", "DEFAULTS", "select_eval", "RunStopped"]
 
 RECORD_ALL = ("g_effect", "g_effect_token", "pg_effect", "update_effect")
 
@@ -101,15 +92,7 @@ class _Stream:
         return [self.items[i] for i in batch]
 
 
-def _optimizer(name: str, params, lr: float, weight_decay: float):
-    name = name.lower()
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; use 'sgd', 'adam' or 'adamw'")
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
 def _check_writable(out) -> Path:
@@ -165,7 +148,14 @@ class _Evaluator:
             return self._measure(model)
 
     def _measure(self, model) -> dict:
-        from .metrics import forget_quality, instance_metrics, model_utility, truth_ratio, utility_values
+        from .metrics import (
+            forget_quality,
+            instance_metrics,
+            log10_forget_quality,
+            model_utility,
+            truth_ratio,
+            utility_values,
+        )
 
         per_set = {name: instance_metrics(model, self.tokenizer, items, forget=name == "targeted",
                                           max_new_tokens=self.max_new_tokens, template=self.template,
@@ -173,14 +163,13 @@ class _Evaluator:
                    for name, items in self.eval_sets.items()}
         out = {name: np.concatenate([np.asarray(m[name], dtype=object if name == "generated_text" else None)
                                      for m in per_set.values()])
-               for name in ("probability", "truth_ratio", "truth_ratio_score", "rouge_l", "exact_memorization",
-                            "extraction_strength", "generated_text")}
+               for name in INSTANCE_METRICS}
         fq = np.nan
         if self.reference is not None and self.fq_examples:
             ours = truth_ratio(model, self.tokenizer, self.fq_examples, template=self.template, split_name="forget")
             fq = forget_quality(ours, self.reference.truth_ratios(self.fq_examples, self.tokenizer))
         out["forget_quality"] = fq
-        out["log10_forget_quality"] = np.log10(fq) if fq > 0 else (-np.inf if fq == 0 else np.nan)
+        out["log10_forget_quality"] = log10_forget_quality(fq)
         utility_sets = {k: v for k, v in per_set.items() if k != "targeted"}
         utility_sets.update({name: instance_metrics(model, self.tokenizer, items, forget=False, general=True,
                                                     max_new_tokens=self.max_new_tokens, template=self.template,
@@ -207,59 +196,366 @@ class _Attributor:
                 "attribution_delta": tok["convergence_delta"].values}
 
     def prompt_texts(self) -> list[list[str]]:
-        from .attribution import _prompt_positions
+        from .attribution import prompt_positions
 
         batch = encode(self.tokenizer, self.examples, self.template)
-        prompt = _prompt_positions(batch, self.tokenizer)
+        prompt = prompt_positions(batch, self.tokenizer)
         return [[self.tokenizer.decode([t]) for t in batch["input_ids"][i][prompt[i]].tolist()]
                 for i in range(len(self.examples))]
 
 
-class _Recorder:
-    """Per-step arrays, preallocated, turned into a Dataset on demand (for callbacks and at the end)."""
+# ---------------------------------------------------------------------------------------------- configuration
+def _positive(name: str, value, *, whole: bool = False, zero: bool = False, optional: bool = False) -> None:
+    """One check for every numeric option: a finite number (a whole one where ``whole``), > 0 (>= 0 with
+    ``zero``), or None where ``optional``; the error names the option, the value and what is valid."""
+    if value is None and optional:
+        return
+    kind = "a whole number" if whole else "a finite number"
+    ok = not isinstance(value, bool) and isinstance(value, (int, np.integer) if whole else (int, float, np.number))
+    ok = ok and math.isfinite(float(value)) and (value >= 0 if zero else value > 0)
+    if not ok:
+        bound = ">= 0" if zero else "> 0"
+        raise ValueError(f"{name}={value!r} is not valid; use {kind} {bound}" + (" (or None)" if optional else ""))
 
-    def __init__(self, n_rows: int, n_inst: int, n_layers: int, n_terms: int, width: int, n_samples: int,
-                 n_against: int, record: set[str], weights: bool, metrics: bool = False,
-                 attribution: tuple[int, int] | None = None):
-        nan = np.nan
 
-        def full(*shape):
-            return np.full(shape, nan)
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines an unlearning run besides the model and the data, checked on creation and
+    stored as JSON in the run's ``config`` attribute. ``RunConfig.from_dataset(run).unlearn(model, tok)``
+    re-creates the run (pass ``forget=``/``eval=`` … again when the run was given its own examples:
+    ``forget == "custom"``). Field meanings: :func:`unlearn`'s parameters of the same names."""
 
-        self.steps: list[int] = []
-        self.data: dict[str, np.ndarray] = {
-            "risk": full(n_rows, n_inst), "objective_loss": full(n_rows), "term_loss": full(n_rows, n_terms),
-            "sample_loss": full(n_rows, n_samples), "learning_rate": full(n_rows)}
-        if "g_effect" in record:
-            self.data["g_effect"] = full(n_rows, n_inst, n_layers, n_terms)
-        if "g_effect_token" in record:
-            self.data["g_effect_token"] = full(n_rows, n_inst, width)
-        if "pg_effect" in record:
-            self.data["pg_effect"] = full(n_rows, n_samples, n_against)
-        if "update_effect" in record:
-            self.data["update_effect"] = full(n_rows, n_inst, n_layers)
-        if weights:
-            self.data["sample_weight"] = full(n_rows, n_samples)
-        if metrics:
-            for name in ("probability", "truth_ratio", "truth_ratio_score", "rouge_l", "exact_memorization",
-                         "extraction_strength"):
-                self.data[name] = full(n_rows, n_inst)
-            self.data["generated_text"] = np.full((n_rows, n_inst), "", dtype=object)
-            for name in ("forget_quality", "log10_forget_quality", "model_utility"):
-                self.data[name] = full(n_rows)
-        if attribution is not None:
-            prompt_width, n_methods = attribution
-            self.data["token_attribution"] = full(n_rows, n_inst, prompt_width, n_methods)
-            self.data["layer_attribution"] = full(n_rows, n_inst, n_layers)
-            self.data["attribution_delta"] = full(n_rows, n_inst)
+    objective: str = "npo"
+    params: Mapping[str, Any] = field(default_factory=dict)
+    forget: str = DEFAULTS["forget"]
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = DEFAULTS["batch_size"]
+    lr: float = DEFAULTS["lr"]
+    optimizer: str = DEFAULTS["optimizer"]
+    weight_decay: float = DEFAULTS["weight_decay"]
+    warmup: int = DEFAULTS["warmup"]
+    seed: int = 0
+    record_every: int = DEFAULTS["record_every"]
+    record: tuple[str, ...] = RECORD_ALL
+    chunk_size: int | str | None = 32
+    eval_every: int | None = None
+    max_new_tokens: int | None = None
+    attribute_at: tuple[int, ...] = ()
+    attribute_methods: tuple[str, ...] = ("integrated_gradients", "feature_ablation")
+    attribute_n_steps: int = 32
+    verify: str = "first"
 
-    def row(self, step: int) -> int:
-        self.steps.append(step)
-        return len(self.steps) - 1
+    def __post_init__(self):
+        for name in ("record", "attribute_at", "attribute_methods"):
+            object.__setattr__(self, name, tuple(getattr(self, name) or ()))
+        object.__setattr__(self, "params", dict(self.params or {}))
+        unknown = set(self.record) - set(RECORD_ALL)
+        if unknown:
+            raise ValueError(f"cannot record {sorted(unknown)}; choose from {', '.join(RECORD_ALL)}")
+        if str(self.optimizer).lower() not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; use 'sgd', 'adam' or 'adamw'")
+        for name in ("batch_size", "record_every", "attribute_n_steps"):
+            _positive(name, getattr(self, name), whole=True)
+        for name in ("steps", "eval_every", "max_new_tokens"):
+            _positive(name, getattr(self, name), whole=True, optional=True)
+        _positive("epochs", self.epochs, optional=True)
+        _positive("lr", self.lr)
+        _positive("weight_decay", self.weight_decay, zero=True)
+        _positive("warmup", self.warmup, whole=True, zero=True)
+        _positive("seed", self.seed, whole=True, zero=True)
+        check_chunk_size(self.chunk_size)
+        check_verify(self.verify)
+        from .attribution import TOKEN_METHODS
 
-    def dataset(self, axes, token_count, attrs) -> xr.Dataset:
-        n = len(self.steps)
-        return make_dataset(axes, self.steps, {k: v[:n] for k, v in self.data.items()}, token_count, attrs)
+        bad = set(self.attribute_methods) - set(TOKEN_METHODS)
+        if bad:
+            raise ValueError(f"attribute_methods: unknown {sorted(bad)}; use {', '.join(TOKEN_METHODS)}")
+
+    def n_steps(self, n_forget: int) -> int:
+        """The run's length: ``steps``, or ``epochs`` passes over ``n_forget`` samples in full batches."""
+        if self.steps is not None:
+            return self.steps
+        epochs = self.epochs if self.epochs is not None else DEFAULTS["epochs"]
+        return max(1, math.ceil(epochs * n_forget / min(self.batch_size, n_forget)))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        return cls(**json.loads(text))
+
+    @classmethod
+    def from_dataset(cls, ds: xr.Dataset) -> RunConfig:
+        """The configuration a run Dataset (or a file of one, loaded) was made with."""
+        if "config" not in ds.attrs:
+            raise ValueError("this Dataset has no run configuration (it was not made by gl.unlearn)")
+        return cls.from_json(ds.attrs["config"])
+
+    def unlearn(self, model, tokenizer, **data) -> xr.Dataset:
+        """Run this configuration (``data``: the examples, world, reference and other non-config arguments)."""
+        options = asdict(self)
+        if options["forget"] == "custom":
+            options.pop("forget")
+            if "forget" not in data:
+                raise ValueError("this run was given its own forget examples: pass them again as forget=[...]")
+        return unlearn(model, tokenizer, **{**options, **data})
+
+
+# ---------------------------------------------------------------------------------------------- data
+@dataclass
+class RunData:
+    """The examples of a run: what it forgets, what its regularisers train on, what it evaluates."""
+
+    split: str                      # the forget split's name, or "custom"
+    forget: list
+    train_retain: list              # the retain examples minus the evaluation instances
+    eval_sets: dict[str, list]
+    refusals: Sequence[str] | None
+    world: Any
+
+    @classmethod
+    def build(cls, forget, retain, eval_sets, world, refusals) -> RunData:
+        split = forget if isinstance(forget, str) else "custom"
+        if isinstance(forget, str):
+            world = world if world is not None else load_world()
+            forget_examples = list(world.forget(forget))
+            retain = list(world.retain(forget)) if retain is None else list(retain)
+            refusals = refusals if refusals is not None else world.refusals
+        else:
+            forget_examples = list(forget)
+            retain = list(retain) if retain is not None else []
+        if not forget_examples:
+            raise ObjectiveError("the forget set is empty; give the examples to unlearn")
+        eval_sets = {k: list(v) for k, v in eval_sets.items()} if eval_sets is not None else \
+            select_eval(forget_examples, retain)
+        for name, items in eval_sets.items():
+            if not items:
+                raise ObjectiveError(f"the evaluation set {name!r} is empty; give at least one instance, or eval=None")
+        held_out = {_key(e) for items in eval_sets.values() for e in items}
+        train_retain = [e for e in retain if _key(e) not in held_out]
+        return cls(split, forget_examples, train_retain, eval_sets, refusals, world)
+
+    def sizes(self) -> dict[str, Any]:
+        return {"n_forget": len(self.forget), "n_retain_train": len(self.train_retain),
+                "eval": {k: len(v) for k, v in self.eval_sets.items()}}
+
+
+# ---------------------------------------------------------------------------------------------- the run
+class _Run:
+    """One unlearning run: a :class:`~geffect_lab.engine.api.Measurement` on the evaluation instances, an
+    optimiser on the trainable parameters, and the steps recorded so far in a :class:`StepTable`."""
+
+    def __init__(self, config: RunConfig, model, tokenizer, data: RunData, *, inplace: bool, reference,
+                 template, retain_model, retain_reference):
+        self.config, self.data = config, data
+        if is_offloaded(model):
+            raise ModelStructureError(
+                f"{type(model).__name__} is offloaded by accelerate (its weights are swapped in at each call and "
+                "dropped after): an update to them would not persist. unlearn trains the model, so load it in one "
+                "piece (or with a device_map over devices that hold the weights); gl.g_effect measures an "
+                "offloaded model")
+        self.work = model if inplace else copy.deepcopy(model)
+        needs_retain = any(t.spec.role == "retain" for t in resolve_objective(config.objective, config.params).terms)
+        if needs_retain and not data.train_retain:
+            raise ObjectiveError(f"the regularisers of {config.objective} need retain samples (after holding out the "
+                                 "evaluation instances none are left): pass retain=[...]")
+        self.m = Measurement(self.work, tokenizer, config.objective, config.params, forget=data.forget,
+                             targets=data.eval_sets, retain=data.train_retain if needs_retain else None,
+                             refusals=data.refusals, template=template, verify=config.verify)
+        needs_ref = any(n.startswith("ref_") for t in self.m.objective.terms for n in t.spec.needs)
+        if reference is None and needs_ref:
+            reference = copy.deepcopy(model) if inplace else model  # the caller's untouched model is the reference
+        # the reference's quantities are taken on each step's batch (sides_for), not on the whole sets
+        self.m.set_reference(reference if reference is not None else self.work,
+                             "initial model" if needs_ref else "none", precompute=False)
+        self.params = trainable_parameters(self.work)
+        if not self.params:
+            raise ObjectiveError("no parameter of the model requires grad: nothing to unlearn")
+        self.opt = OPTIMIZERS[config.optimizer.lower()](self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self._schedule(config, len(data.forget))
+        self.forget_stream = _Stream(data.forget, config.batch_size, config.seed)
+        self.retain_stream = _Stream(data.train_retain, config.batch_size, config.seed + 1) if needs_retain else None
+        self.chunk_size = self.m.chunk_size(self.work, config.chunk_size, per_token="g_effect_token" in config.record,
+                                            pg="pg_effect" in config.record)
+        self._observers(tokenizer, template, retain_model, retain_reference)
+        self.table = StepTable(self.m.axes, self.m.token_count)
+        self.attrs = self._attrs(model)
+        self.updates = 0
+
+    def _schedule(self, config: RunConfig, n_forget: int) -> None:
+        self.n_steps = config.n_steps(n_forget)
+        self.record_set = set(range(0, self.n_steps, config.record_every))
+        self.eval_set = set(range(0, self.n_steps, config.eval_every)) if config.eval_every else set()
+        self.attr_set = {int(t) for t in config.attribute_at}
+        if any(t < 0 or t > self.n_steps for t in self.attr_set):
+            raise ValueError(f"attribute_at must name steps between 0 and {self.n_steps} (the number of steps: "
+                             "after the last update)")
+        self.measuring = bool(set(config.record) & set(RECORD_ALL))
+
+    def _observers(self, tokenizer, template, retain_model, retain_reference) -> None:
+        """TOFU's metrics and Captum's attributions, when the run takes them."""
+        config, data = self.config, self.data
+        self.attributor = None
+        if self.attr_set:
+            self.attributor = _Attributor(tokenizer, self.m.examples, config.attribute_methods,
+                                          config.attribute_n_steps, template)
+            self.m.axes.prompt_token_texts = self.attributor.prompt_texts()
+            self.m.axes.methods = list(config.attribute_methods)
+        self.evaluator = None
+        if config.eval_every:
+            general = {name: list(data.world[name]) for name in ("real_authors", "world_facts")
+                       if data.world is not None and name in data.world}
+            reference = _retain_reference(retain_model, retain_reference, data.world, data.split, tokenizer)
+            self.evaluator = _Evaluator(tokenizer, data.eval_sets, data.forget, reference, general, template,
+                                        config.max_new_tokens)
+
+    def _attrs(self, model) -> dict[str, Any]:
+        c = self.config
+        return {**self.m.attrs(model), "optimizer": c.optimizer, "learning_rate": c.lr,
+                "weight_decay": c.weight_decay, "warmup": c.warmup, "batch_size": c.batch_size,
+                "steps": self.n_steps, "seed": c.seed, "forget_split": self.data.split,
+                "record_every": c.record_every, "config": c.to_json(), "data": self.data.sizes(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "complete": 0}
+
+    def lr_at(self, t: int) -> float:
+        warmup = self.config.warmup
+        return self.config.lr * min(1.0, (t + 1) / warmup) if warmup else self.config.lr
+
+    def observe(self, t: int) -> dict[str, Any]:
+        """Metrics and attributions at θ_t, when step t takes them."""
+        out: dict[str, Any] = {}
+        if self.evaluator is not None and t in self.eval_set:
+            out.update(self.evaluator(self.work))
+        if self.attributor is not None and t in self.attr_set:
+            out.update(self.attributor(self.work))
+        return out
+
+    def step(self, t: int) -> xr.Dataset | None:
+        """Step t: the batch's gradient, the update, and (when the step has a row) its measurements at θ_t."""
+        observed = self.observe(t)  # before anything of this step touches the model
+        sides = self.m.sides_for(self.forget_stream.next(),
+                                 self.retain_stream.next() if self.retain_stream is not None else None)
+        try:
+            gradient = self.m.gradient(self.work, sides)
+        except ObjectiveError as err:
+            raise RunStopped(f"step {t}: {err}") from err
+        if not np.isfinite(gradient.term_loss).all():
+            bad = [n for n, v in zip(self.m.objective.term_names, gradient.term_loss) if not np.isfinite(v)]
+            raise RunStopped(f"step {t}: the loss of term {', '.join(bad)} is not finite")
+        rate = self.lr_at(t)
+        for group in self.opt.param_groups:
+            group["lr"] = rate
+        total = gradient.total()
+        for p in self.params:
+            p.grad = total.get(id(p), torch.zeros_like(p)).clone()
+        if not (t in self.record_set or observed):
+            self._update()
+            return None
+        ds = self._measured(t, sides, gradient, rate)
+        self.table.add_dataset(ds, **observed)
+        return ds
+
+    def _measured(self, t: int, sides, gradient, rate) -> xr.Dataset:
+        """Step t's Dataset at θ_t; the update is taken on the way (before measuring, when its effect is wanted:
+        the measurement then runs at the kept θ_t with the step's direction ``(θ_t − θ_{t+1}) / lr``)."""
+        record, m = set(self.config.record), self.m
+        lr = {"learning_rate": rate}
+        if not (t in self.record_set and self.measuring):
+            effects = _losses_only(gradient, m.risks(self.work, self.chunk_size), m.token_count)
+            ds = m.dataset(self.work, effects, t, lr, samples=sides["forget"].ids)
+            self._update()
+            return ds
+        kwargs = dict(per_token="g_effect_token" in record, pg="pg_effect" in record, chunk_size=self.chunk_size,
+                      sides=sides, gradient=gradient)
+        if "update_effect" not in record:
+            ds = m.measure(self.work, t, data=lr, **kwargs)
+            self._update()
+        else:
+            before = [p.detach().clone() for p in self.params]
+            self._update()
+            direction = update_direction(self.params, before, rate)  # (θ_t − θ_{t+1}) / lr, before the swap
+            with swapped_parameters(self.params, before):
+                ds = m.measure(self.work, t, data=lr, extra=[direction], **kwargs)
+        return ds.drop_vars([v for v in RECORD_ALL if v in ds and v not in record])
+
+    def _update(self) -> None:
+        self.opt.step()
+        self.updates += 1
+        self.opt.zero_grad(set_to_none=True)
+
+    def snapshot(self) -> xr.Dataset:
+        return self.table.dataset(self.attrs)
+
+    def finish(self, stop_reason: str) -> xr.Dataset:
+        """The row after the last update (risks, and the metrics and attributions the run tracks), and the
+        whole run as one Dataset."""
+        final = {"risk": self.m.risks(self.work, self.chunk_size)}
+        if self.evaluator is not None:
+            final.update(self.evaluator(self.work))
+        if self.attributor is not None and self.updates in self.attr_set:
+            final.update(self.attributor(self.work))
+        self.table.add(self.updates, final)
+        self.attrs.update(complete=int(not stop_reason), stop_reason=stop_reason)
+        return self.snapshot()
+
+
+def _losses_only(gradient, risks, token_count):
+    """The engine's result for a step measured without G-effects: its risks and the gradient's losses."""
+    from .engine.core import Effects
+
+    return Effects(None, None, risks, token_count, None, gradient.term_loss, gradient.sample_loss,
+                   sample_weight=gradient.sample_weight)
+
+
+def _execute(run: _Run, *, callback, out_path, save_every, progress) -> xr.Dataset:
+    """Step the run to its end (or its stop), saving and calling back as asked; every recorded step is kept."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=run.n_steps, desc=f"unlearn {run.m.objective.name}", disable=not progress, unit="step")
+    stop_reason, t = "", 0
+    try:
+        for t in range(run.n_steps):
+            ds = run.step(t)
+            bar.update()
+            if ds is None:
+                continue
+            e_u, e_r = _headline(ds)
+            bar.set_postfix(loss=f"{float(ds['objective_loss'][0]):.4g}", e_u=f"{e_u:.3g}", e_r=f"{e_r:.3g}",
+                            refresh=False)
+            if save_every and len(run.table) % save_every == 0:
+                save(run.snapshot(), out_path)
+            if callback is not None:
+                answer = callback(t, run.snapshot())
+                if answer is False or answer == "stop":
+                    stop_reason = f"stopped by the callback after step {t}"
+                    break
+    except KeyboardInterrupt:
+        stop_reason = f"interrupted at step {t}"
+    except RunStopped as err:
+        if not len(run.table):
+            raise ObjectiveError(str(err)) from None
+        stop_reason = str(err)
+        warnings.warn(f"unlearning run stopped: {err}; the {len(run.table)} recorded step(s) are returned",
+                      RuntimeWarning, stacklevel=3)
+    finally:
+        bar.close()
+    ds = run.finish(stop_reason)
+    if out_path is not None:
+        save(ds, out_path)
+    return ds
+
+
+def _headline(ds: xr.Dataset) -> tuple[float, float]:
+    """Mean G-effect of the step's targeted and non-targeted instances (NaN when not recorded)."""
+    out = []
+    for split in ("targeted", "non_targeted"):
+        try:
+            out.append(float(ds.geffect.split_mean(split)[0]))
+        except KeyError:  # nothing recorded, or no instance of that split
+            out.append(float("nan"))
+    return out[0], out[1]
 
 
 def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None = None, *,
@@ -275,7 +571,8 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
             retain_reference=None, max_new_tokens: int | None = None, attribute_at: Sequence[int] | None = None,
             attribute_methods: Sequence[str] = ("integrated_gradients", "feature_ablation"),
             attribute_n_steps: int = 32, verify: str = "first") -> xr.Dataset:
-    """Run an unlearning objective and record its G-effects step by step.
+    """Run an unlearning objective and record its G-effects step by step (every option is checked before any
+    work; the options that define the run are kept as a :class:`RunConfig` in ``attrs["config"]``).
 
     Parameters
     ----------
@@ -319,294 +616,20 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
         ``token_attribution`` [step, instance, prompt_token, method] with ``prompt_token_text``,
         ``layer_attribution`` [step, instance, layer] (the G-effect's layer names) and ``attribution_delta``.
     """
-    record = set(record)
-    unknown = record - set(RECORD_ALL)
-    if unknown:
-        raise ValueError(f"cannot record {sorted(unknown)}; choose from {', '.join(RECORD_ALL)}")
-    if record_every < 1:
-        raise ValueError("record_every must be 1 or more")
-    check_verify(verify)
-    check_chunk_size(chunk_size)
-    verified = False
-    out_path = _check_writable(out) if out is not None else None
-    if save_every is not None and out_path is None:
-        raise ValueError("save_every needs out= (the file to write the partial results to)")
-
-    # ---- data
-    split_name = forget if isinstance(forget, str) else "custom"
-    if isinstance(forget, str):
-        world = world if world is not None else load_world()
-        forget_examples = list(world.forget(forget))
-        retain = list(world.retain(forget)) if retain is None else list(retain)
-        refusals = refusals if refusals is not None else world.refusals
-    else:
-        forget_examples = list(forget)
-        retain = list(retain) if retain is not None else []
-    if not forget_examples:
-        raise ObjectiveError("the forget set is empty; give the examples to unlearn")
-    eval_sets = dict(eval) if eval is not None else select_eval(forget_examples, retain)
-    for name, items in eval_sets.items():
-        if not list(items):
-            raise ObjectiveError(f"the evaluation set {name!r} is empty; give at least one instance, or eval=None")
-    held_out = {_key(e) for items in eval_sets.values() for e in items}
-    train_retain = [e for e in retain if _key(e) not in held_out]
-
     obj = resolve_objective(objective, params)
-    obj = Objective(resolve_layers(model, obj.terms))
-    roles = {t.spec.role for t in obj.terms}
-    if "retain" in roles and not train_retain:
-        raise ObjectiveError(f"the regularisers of {obj.name} need retain samples (after holding out the "
-                             "evaluation instances none are left): pass retain=[...]")
-    needs_alt = "alt" in obj.forget_term.spec.needs
-    if needs_alt and not refusals:
-        refusals = load_world().refusals
-    needs_ref = any(n.startswith("ref_") for t in obj.terms for n in t.spec.needs)
+    config = RunConfig(objective=obj.name, params=obj.params(), forget=forget if isinstance(forget, str) else "custom",
+                       steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                       weight_decay=weight_decay, warmup=warmup, seed=seed, record_every=record_every,
+                       record=tuple(record), chunk_size=chunk_size, eval_every=eval_every,
+                       max_new_tokens=max_new_tokens, attribute_at=tuple(attribute_at or ()),
+                       attribute_methods=tuple(attribute_methods), attribute_n_steps=attribute_n_steps, verify=verify)
+    if save_every is not None:
+        _positive("save_every", save_every, whole=True)
+        if out is None:
+            raise ValueError("save_every needs out= (the file to write the partial results to)")
+    out_path = _check_writable(out) if out is not None else None
+    data = RunData.build(forget, retain, eval, world, refusals)
+    run = _Run(config, model, tokenizer, data, inplace=inplace, reference=reference, template=template,
+               retain_model=retain_model, retain_reference=retain_reference)
+    return _execute(run, callback=callback, out_path=out_path, save_every=save_every, progress=progress)
 
-    # ---- models
-    work = model if inplace else copy.deepcopy(model)
-    if reference is None and needs_ref:
-        reference = copy.deepcopy(model) if inplace else model  # the caller's untouched model is the reference
-    if is_offloaded(work):
-        raise ModelStructureError(
-            f"{type(work).__name__} is offloaded by accelerate (its weights are swapped in at each call and dropped "
-            "after): an update to them would not persist. unlearn trains the model, so load it in one piece (or "
-            "with a device_map over devices that hold the weights); gl.g_effect measures an offloaded model")
-    groups = layer_groups(work)
-    params_list = trainable_parameters(work)
-    if not params_list:
-        raise ObjectiveError("no parameter of the model requires grad: nothing to unlearn")
-    opt = _optimizer(optimizer, params_list, lr, weight_decay)
-
-    # ---- schedule
-    n_steps = steps if steps is not None else math.ceil((epochs if epochs is not None else DEFAULTS["epochs"])
-                                                         * len(forget_examples) / min(batch_size,
-                                                                                      len(forget_examples)))
-    if n_steps < 1:
-        raise ValueError("the run has no steps: give steps >= 1 or epochs > 0")
-    record_set = {t for t in range(n_steps) if t % record_every == 0}
-    if eval_every is not None and eval_every < 1:
-        raise ValueError("eval_every must be 1 or more (or None: no metrics along the run)")
-    eval_set = {t for t in range(n_steps) if t % eval_every == 0} if eval_every else set()
-    attr_set = {int(t) for t in attribute_at or ()}
-    if any(t < 0 or t > n_steps for t in attr_set):
-        raise ValueError(f"attribute_at must name steps between 0 and {n_steps} (the number of steps: after the last "
-                         "update)")
-    n_rows = len(record_set | eval_set | (attr_set - {n_steps})) + 1
-
-    def lr_at(t: int) -> float:
-        return lr * min(1.0, (t + 1) / warmup) if warmup else lr
-
-    forget_stream = _Stream(forget_examples, batch_size, seed)
-    retain_stream = _Stream(train_retain, batch_size, seed + 1) if "retain" in roles else None
-
-    # ---- the evaluation instances and the Dataset's axes
-    targets, ids, splits, examples, slices = prepare_targets(tokenizer, eval_sets, template)
-    check_fits(work, targets, ids, "eval")
-    encoded = {}
-    for role, examples_ in (("forget", forget_examples), ("retain", train_retain if retain_stream else [])):
-        if examples_:
-            side = encode_side(tokenizer, examples_, refusals=refusals, need_alt=needs_alt and role == "forget",
-                               template=template, role=role)
-            check_fits(work, side.batch, side.ids, role)
-            encoded[role] = {k: v[:batch_size] for k, v in side.batch.items()}  # one step's samples
-            if side.alt is not None:
-                check_fits(work, side.alt, side.ids, f"{role} (with its refusal answer)")
-    chunk_size = resolve_chunk_size(work, chunk_size, targets, list(encoded.values()), n_terms=len(obj.terms),
-                                    per_token="g_effect_token" in record, pg="pg_effect" in record,
-                                    n_sets=len(slices), verify=verify != "never")
-    token_count = (targets["labels"][:, 1:] != -100).sum(1).numpy()
-    width = max(int(token_count.max()), 1)
-    sample_ids = [example_id(e, i) for i, e in enumerate(forget_examples)]
-    sample_pos = {s: i for i, s in enumerate(sample_ids)}
-    answer_tokens = [row[row != -100].tolist() for row in targets["labels"][:, 1:]]
-    axes = make_axes(tokenizer, ids, splits, examples, groups, obj, sample_ids, list(slices), answer_tokens, width)
-    attributor = None
-    if attr_set:
-        attributor = _Attributor(tokenizer, examples, attribute_methods, attribute_n_steps, template)
-        axes.prompt_token_texts = attributor.prompt_texts()
-        axes.methods = list(attribute_methods)
-    measuring = bool(record & {"g_effect", "g_effect_token", "pg_effect", "update_effect"})
-    rec = _Recorder(n_rows, len(ids), len(groups.names), len(obj.terms), width, len(sample_ids),
-                    len(slices), record, any(t.spec.weight is not None for t in obj.terms
-                                             if t.spec.role == "forget"), metrics=bool(eval_every),
-                    attribution=(max(len(t) for t in axes.prompt_token_texts), len(axes.methods))
-                    if attributor is not None else None)
-    evaluator = None
-    if eval_every:
-        general = {name: list(world[name]) for name in ("real_authors", "world_facts")
-                   if world is not None and name in world}
-        evaluator = _Evaluator(tokenizer, eval_sets, forget_examples, _retain_reference(
-            retain_model, retain_reference, world, forget, tokenizer), general, template, max_new_tokens)
-    config = {
-        "objective": obj.name, "objective_params": obj.params(), "forget": split_name, "steps": n_steps,
-        "epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
-        "weight_decay": weight_decay, "warmup": warmup, "seed": seed, "record_every": record_every,
-        "record": sorted(record), "chunk_size": chunk_size, "n_forget": len(forget_examples),
-        "eval_every": eval_every, "attribute_at": sorted(attr_set),
-        "n_retain_train": len(train_retain), "eval": {k: len(v) for k, v in eval_sets.items()},
-    }
-    attrs: dict[str, Any] = {
-        "objective": obj.name, "objective_params": obj.params(), "objective_repr": repr(obj),
-        "optimizer": optimizer, "learning_rate": lr, "weight_decay": weight_decay, "warmup": warmup,
-        "batch_size": batch_size, "steps": n_steps, "seed": seed, "forget_split": split_name,
-        "record_every": record_every, "engine": "fast", "package_version": __version__,
-        "reference": "initial model" if needs_ref else "none", "config": json.dumps(config, sort_keys=True),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **model_description(model), "complete": 0,
-    }
-
-    def snapshot() -> xr.Dataset:
-        return rec.dataset(axes, token_count, attrs)
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=n_steps, desc=f"unlearn {obj.name}", disable=not progress, unit="step")
-    stop_reason = ""
-    step = updates = 0
-    try:
-        for step in range(n_steps):
-            recorded = step in record_set
-            has_row = recorded or step in eval_set or step in attr_set
-            # the metrics and attributions at θ_t, before anything of this step touches the model
-            metrics = evaluator(work) if evaluator is not None and step in eval_set else None
-            if attributor is not None and step in attr_set:
-                metrics = {**(metrics or {}), **attributor(work)}
-            forget_batch = forget_stream.next()
-            sides = {"forget": encode_side(tokenizer, forget_batch, refusals=refusals, need_alt=needs_alt,
-                                           template=template)}
-            if retain_stream is not None:
-                sides["retain"] = encode_side(tokenizer, retain_stream.next(), template=template, role="retain")
-            if reference is not None:
-                with torch.no_grad(), eval_mode(reference):
-                    for term in obj.terms:
-                        reference_quantities(reference, sides[term.spec.role], term.spec.needs,
-                                             term.params.get("layer"))
-            try:
-                gradient = term_gradients(work, obj, sides, reference)
-            except ObjectiveError as err:
-                raise RunStopped(f"step {step}: {err}") from err
-            if not np.isfinite(gradient.term_loss).all():
-                bad = [n for n, v in zip(obj.term_names, gradient.term_loss) if not np.isfinite(v)]
-                raise RunStopped(f"step {step}: the loss of term {', '.join(bad)} is not finite")
-            rate = lr_at(step)
-            for group in opt.param_groups:
-                group["lr"] = rate
-            total = gradient.total()
-            for p in params_list:
-                p.grad = total.get(id(p), torch.zeros_like(p)).clone()
-            if not has_row:
-                opt.step()
-                updates += 1
-                opt.zero_grad(set_to_none=True)
-                bar.update()
-                continue
-            measure = recorded and measuring
-            theta_t = [p.detach().clone() for p in params_list] if measure and "update_effect" in record else None
-            extra, at_theta_t = [], nullcontext()
-            if theta_t is not None:
-                opt.step()  # θ_{t+1}; then measure at θ_t with the step's direction -Δθ/lr
-                updates += 1
-                extra = [update_direction(params_list, theta_t, rate)]
-                at_theta_t = swapped_parameters(params_list, theta_t)
-            with at_theta_t:
-                effects = fast_effects(work, groups, obj, sides, reference, targets, ids, slices,
-                                       chunk_size=chunk_size, per_token="g_effect_token" in record,
-                                       pg="pg_effect" in record, gradient=gradient, extra=extra,
-                                       verify=verify == "always" or (verify == "first" and not verified)
-                                       ) if measure \
-                    else None
-                verified = verified or measure
-                risks = effects.risk if effects is not None else _risks(work, targets, chunk_size)
-            if theta_t is None:
-                opt.step()
-                updates += 1
-            opt.zero_grad(set_to_none=True)
-            row = rec.row(step)
-            _store(rec, row, effects, risks, gradient, rate, sides["forget"].ids, sample_pos)
-            if metrics is not None:
-                _store_metrics(rec, row, metrics)
-            e_u, e_r = _headline(rec, row, splits)
-            bar.set_postfix(loss=f"{gradient.term_loss.sum():.4g}", e_u=f"{e_u:.3g}", e_r=f"{e_r:.3g}",
-                            refresh=False)
-            bar.update()
-            if save_every and len(rec.steps) % save_every == 0:
-                save(snapshot(), out_path)
-            if callback is not None:
-                answer = callback(step, snapshot())
-                if answer is False or answer == "stop":
-                    stop_reason = f"stopped by the callback after step {step}"
-                    break
-    except KeyboardInterrupt:
-        stop_reason = f"interrupted at step {step}"
-    except RunStopped as err:
-        if not rec.steps:
-            raise ObjectiveError(str(err)) from None
-        stop_reason = str(err)
-        warnings.warn(f"unlearning run stopped: {err}; the {len(rec.steps)} recorded step(s) are returned",
-                      RuntimeWarning, stacklevel=2)
-    finally:
-        bar.close()
-    # the state after the last update: risks, and the metrics when they are tracked
-    row = rec.row(updates)
-    rec.data["risk"][row] = _risks(work, targets, chunk_size)
-    if evaluator is not None:
-        _store_metrics(rec, row, evaluator(work))
-    if attributor is not None and updates in attr_set:
-        _store_metrics(rec, row, attributor(work))
-    attrs["complete"] = int(not stop_reason)
-    attrs["stop_reason"] = stop_reason
-    ds = snapshot()
-    if out_path is not None:
-        save(ds, out_path)
-    return ds
-
-
-def _risks(model, targets, chunk_size) -> np.ndarray:
-    from ._batching import chunks
-
-    out = []
-    with torch.no_grad(), eval_mode(model):
-        for _, part in chunks(targets, chunk_size):
-            risk, _, _ = risk_and_tokens(model, part)
-            out.append(risk.double().cpu().numpy())
-    return np.concatenate(out)
-
-
-def _store(rec: _Recorder, row: int, effects, risks, gradient, rate, batch_ids, sample_pos):
-    d = rec.data
-    d["learning_rate"][row] = rate
-    d["objective_loss"][row] = gradient.term_loss.sum()
-    d["term_loss"][row] = gradient.term_loss
-    d["risk"][row] = risks
-    cols = [sample_pos[s] for s in batch_ids]
-    d["sample_loss"][row, cols] = gradient.sample_loss
-    if "sample_weight" in d and gradient.sample_weight is not None:
-        d["sample_weight"][row, cols] = gradient.sample_weight
-    if effects is None:
-        return
-    if "g_effect" in d:
-        d["g_effect"][row] = effects.g_effect
-    if "g_effect_token" in d:
-        d["g_effect_token"][row] = effects.g_effect_token
-    if "pg_effect" in d and effects.pg_effect is not None:
-        d["pg_effect"][row, cols] = effects.pg_effect
-    if "update_effect" in d and effects.extra is not None:
-        d["update_effect"][row] = effects.extra[..., 0]
-
-
-def _store_metrics(rec: _Recorder, row: int, metrics: dict):
-    for name, values in metrics.items():
-        if name in rec.data:
-            rec.data[name][row] = values
-
-
-def _headline(rec: _Recorder, row: int, splits: Sequence[str]) -> tuple[float, float]:
-    if "g_effect" not in rec.data:
-        return float("nan"), float("nan")
-    e = np.nansum(rec.data["g_effect"][row], axis=(1, 2))
-    split = np.asarray(splits)
-    e_u = float(e[split == "targeted"].mean()) if (split == "targeted").any() else float("nan")
-    e_r = float(e[split == "non_targeted"].mean()) if (split == "non_targeted").any() else float("nan")
-    return e_u, e_r
-
-
-assert set(DIMS) >= set(RECORD_ALL)

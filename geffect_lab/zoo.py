@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ._batching import check_device
+from ._batching import TokenizerMismatchError, check_device, check_tokenizer, trim
 from .data import data_dir, encode, load_world
 
 __all__ = ["ZooEntry", "Recipe", "ZOO", "list", "load", "build", "zoo_dir", "make_model", "train",
@@ -81,19 +81,6 @@ def zoo_dir() -> Path:
     """Where zoo checkpoints live: ``$GEFFECT_ZOO_DIR``, else ``data/zoo``."""
     env = os.environ.get("GEFFECT_ZOO_DIR")
     return Path(env) if env else data_dir() / "zoo"
-
-
-class TokenizerMismatchError(ValueError):
-    """A tokenizer whose ids do not fit the model's embedding."""
-
-
-def check_tokenizer(model, tokenizer) -> None:
-    """Refuse a tokenizer with more tokens than the model has embedding rows."""
-    rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > rows:
-        raise TokenizerMismatchError(
-            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows: they do "
-            "not belong together. Load the tokenizer saved with this model.")
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -191,8 +178,7 @@ def train(model, tokenizer, examples, recipe: Recipe, progress: bool = True, des
         for start in range(0, n, recipe.batch_size):
             rows = order[start:start + recipe.batch_size]
             part = {k: v[rows] for k, v in batch.items()}
-            width = int(part["attention_mask"].sum(1).max())
-            part = {k: v[:, :width] for k, v in part.items()}
+            part = trim(part)
             loss = model(**part).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

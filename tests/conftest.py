@@ -55,3 +55,12 @@ def short_runs(target, world, tmp_path_factory):
         gl.save(ds, folder / f"{name.replace('+', '_')}.nc")
         runs[name] = ds
     return runs, folder
+
+
+@pytest.fixture
+def scratch_objectives():
+    """Objectives a test registers are unregistered after it: the registry is left as the test found it."""
+    before = set(gl.list_objectives())
+    yield gl.objective
+    for name in set(gl.list_objectives()) - before:
+        gl.objectives.remove_objective(name)

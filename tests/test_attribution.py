@@ -48,9 +48,9 @@ def test_batched_engine_matches_captums_llm_wrappers(target, world):
     examples = world["forget05"][:2] + world["world_facts"][:1]
     ours = attribution.tokens(model, tok, examples, n_steps=16)
     captum = attribution.tokens(model, tok, examples, n_steps=16, engine="captum-llm")
-    assert ours.dims == ("instance", "token", "method")
+    assert ours.dims == ("instance", "prompt_token", "method")
     np.testing.assert_allclose(ours.values, captum.values, rtol=1e-4, atol=1e-5 * np.nanmax(np.abs(captum.values)))
-    assert "".join(ours.token_text.values[0]) == gl.data.DEFAULT_TEMPLATE.prompt.format(
+    assert "".join(ours.prompt_token_text.values[0]) == gl.data.DEFAULT_TEMPLATE.prompt.format(
         question=examples[0].question)
 
 

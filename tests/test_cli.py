@@ -75,17 +75,14 @@ def scaled(x, scale: float = 2.0):
 '''
 
 
-def test_import_brings_user_objectives_to_the_cli(tmp_path, monkeypatch, capsys):
+def test_import_brings_user_objectives_to_the_cli(tmp_path, monkeypatch, capsys, scratch_objectives):
     (tmp_path / "my_objectives.py").write_text(USER_MODULE)
     monkeypatch.chdir(tmp_path)
-    try:
-        assert main(["--import", "my_objectives", "objectives"]) == 0
-        assert "cli_scaled_ga" in capsys.readouterr().out
-        assert main(["--import", "my_objectives", "run", "--objective", "cli_scaled_ga", "--param", "scale=3",
-                     "--steps", "1", "--record", "g_effect", "-o", "out.nc"]) == 0
-        assert gl.load(tmp_path / "out.nc").attrs["objective"] == "cli_scaled_ga"
-    finally:
-        gl.objectives.registry._REGISTRY.pop("cli_scaled_ga", None)
+    assert main(["--import", "my_objectives", "objectives"]) == 0
+    assert "cli_scaled_ga" in capsys.readouterr().out
+    assert main(["--import", "my_objectives", "run", "--objective", "cli_scaled_ga", "--param", "scale=3",
+                 "--steps", "1", "--record", "g_effect", "-o", "out.nc"]) == 0
+    assert gl.load(tmp_path / "out.nc").attrs["objective"] == "cli_scaled_ga"
 
 
 def test_help_texts_teach(capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -95,8 +97,8 @@ def test_record_every_and_defaults(target, world):
     assert (ds.split == "targeted").sum() == 32 and (ds.split == "non_targeted").sum() == 32
     import json
 
-    config = json.loads(ds.attrs["config"])
-    assert config["n_retain_train"] == len(world["retain95"]) - 32  # held-out non-targeted instances
+    sizes = json.loads(ds.attrs["data"])
+    assert sizes["n_retain_train"] == len(world["retain95"]) - 32  # held-out non-targeted instances
     assert all(world["forget05"][i].id in set(ds.instance.values) for i in (0, 49))  # spread over the split
 
 
@@ -105,6 +107,45 @@ def test_a_run_is_deterministic(target, world, small_eval):
     args = dict(world=world, eval=small_eval, steps=3, record=("g_effect",), progress=False, seed=3)
     a, b = gl.unlearn(model, tok, "wga", **args), gl.unlearn(model, tok, "wga", **args)
     assert np.array_equal(a.g_effect.values, b.g_effect.values, equal_nan=True)
+
+
+def test_the_stored_configuration_re_creates_the_run(target, world, small_eval, tmp_path):
+    """A run's options are one frozen RunConfig in attrs["config"]; from a saved file it runs again to the same
+    numbers (given the same model and data)."""
+    model, tok = target
+    ds = gl.unlearn(model, tok, "npo+gd", params={"beta": 0.2}, world=world, eval=small_eval, steps=3, lr=2e-3,
+                    optimizer="sgd", warmup=2, seed=5, batch_size=4, record=("g_effect", "update_effect"),
+                    progress=False)
+    gl.save(ds, tmp_path / "run.nc")
+    config = gl.RunConfig.from_dataset(gl.load(tmp_path / "run.nc"))
+    assert config == gl.RunConfig(objective="npo+gd", params={"npo.weight": 1.0, "npo.beta": 0.2, "gd.weight": 1.0},
+                                  steps=3, lr=2e-3, optimizer="sgd", warmup=2, seed=5, batch_size=4,
+                                  record=("g_effect", "update_effect"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.lr = 1.0
+    again = config.unlearn(model, tok, world=world, eval=small_eval, progress=False)
+    for name in ("g_effect", "update_effect", "risk", "learning_rate", "sample_loss"):
+        np.testing.assert_array_equal(again[name].values, ds[name].values)
+    custom = gl.unlearn(model, tok, "ga", forget=world["forget05"][:4], retain=[], eval=small_eval, steps=1,
+                        record=("g_effect",), progress=False)
+    with pytest.raises(ValueError, match="given its own forget examples: pass them again as forget="):
+        gl.RunConfig.from_dataset(custom).unlearn(model, tok)
+
+
+def test_options_are_checked_before_any_work(target, world, tmp_path):
+    """One error naming the option, its value and what is valid; nothing is created or trained first."""
+    model, tok = target
+    out = tmp_path / "not" / "made"
+    for options, message in [({"lr": float("nan")}, r"lr=nan is not valid; use a finite number > 0"),
+                             ({"warmup": -1}, r"warmup=-1 is not valid; use a whole number >= 0"),
+                             ({"batch_size": 0}, r"batch_size=0 is not valid; use a whole number > 0"),
+                             ({"chunk_size": -3}, r"chunk_size=-3 is not valid"),
+                             ({"steps": 2.5}, r"steps=2.5 is not valid; use a whole number > 0 \(or None\)"),
+                             ({"save_every": 0}, r"save_every=0 is not valid"),
+                             ({"attribute_methods": ("saliency",)}, r"attribute_methods: unknown \['saliency'\]")]:
+        with pytest.raises(ValueError, match=message):
+            gl.unlearn(model, tok, "ga", world=world, out=out / "run.nc", progress=False, **options)
+    assert not (tmp_path / "not").exists()
 
 
 def test_callback_sees_partial_results_and_can_stop(target, world, small_eval):
@@ -149,7 +190,7 @@ def test_save_every_writes_loadable_partial_files(target, world, small_eval, tmp
     assert gl.load(out).identical(gl.load(out)) and gl.load(out).sizes["step"] == ds.sizes["step"]
 
 
-def test_a_nan_loss_mid_run_keeps_the_recorded_steps(target, world, small_eval):
+def test_a_nan_loss_mid_run_keeps_the_recorded_steps(target, world, small_eval, scratch_objectives):
     model, tok = target
     calls = {"n": 0}
 
@@ -159,12 +200,9 @@ def test_a_nan_loss_mid_run_keeps_the_recorded_steps(target, world, small_eval):
         loss = -x.mean(x.nll)
         return loss * float("nan") if calls["n"] > 2 else loss
 
-    try:
-        with pytest.warns(RuntimeWarning, match="step 2.*'test_nan_later' returned a non-finite loss"):
-            ds = gl.unlearn(model, tok, "test_nan_later", world=world, eval=small_eval, steps=5,
-                            record=("g_effect",), progress=False)
-    finally:
-        gl.objectives.registry._REGISTRY.pop("test_nan_later")
+    with pytest.warns(RuntimeWarning, match="step 2.*'test_nan_later' returned a non-finite loss"):
+        ds = gl.unlearn(model, tok, "test_nan_later", world=world, eval=small_eval, steps=5,
+                        record=("g_effect",), progress=False)
     assert list(ds.step.values) == [0, 1, 2] and ds.attrs["complete"] == 0
     assert "step 2" in ds.attrs["stop_reason"]
 

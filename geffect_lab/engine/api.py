@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import torch
 import xarray as xr
 
-from .. import __version__
-from .._batching import eval_mode
+from .._batching import eval_mode, trainable_parameters
+from .._version import __version__
 from ..data import encode, example_field, example_id
 from ..objectives import ObjectiveError, resolve_objective
 from ..results import Axes, effects_dataset
-from .core import fast_effects, reference_effects
-from .forward import check_fits, encode_side, reference_quantities, resolve_layers
+from .core import Effects, ObjectiveGradient, fast_effects, reference_effects, target_risks, term_gradients
+from .forward import Samples, check_fits, encode_side, reference_quantities, resolve_layers
 from .groups import layer_groups
 from .offload import is_offloaded, resident
 
@@ -38,8 +40,7 @@ def model_description(model) -> dict[str, Any]:
         "model_name": str(getattr(cfg, "_name_or_path", "") or type(model).__name__),
         "model_type": str(getattr(cfg, "model_type", type(model).__name__)),
         "model_parameters": int(sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())),
-        "trainable_parameters": int(sum(p.numel() for p in {id(p): p for p in model.parameters()
-                                                             if p.requires_grad}.values())),
+        "trainable_parameters": int(sum(p.numel() for p in trainable_parameters(model))),
         "model_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
     }
 
@@ -141,8 +142,10 @@ class Measurement:
     """One G-effect measurement set up once and taken at any parameters: the objective resolved for the model,
     the forget (and retain) samples and the targets encoded, the reference quantities cached on first use.
 
-    :func:`g_effect` takes it once; :class:`geffect_lab.recorder.GEffectRecorder` takes it at every step of
-    someone else's training loop, on the same coordinates."""
+    The one path every producer takes: :func:`g_effect` takes it once; :class:`geffect_lab.recorder.
+    GEffectRecorder` at every step of someone else's training loop; :func:`geffect_lab.unlearn` at every step
+    of its own, with the step's batch (:meth:`sides_for`), the gradient it is about to use and the optimiser's
+    update as per-step inputs. Every step's Dataset has the same coordinates (``sample``: all forget samples)."""
 
     def __init__(self, model, tokenizer, objective="ga", params: Mapping[str, Any] | None = None, *,
                  forget: Sequence, targets, retain: Sequence | None = None, refusals: Sequence[str] | None = None,
@@ -152,64 +155,100 @@ class Measurement:
         obj = resolve_objective(objective, params)
         self.objective = type(obj)(resolve_layers(model, obj.terms))
         self.groups = layer_groups(model)
-        self.tokenizer = tokenizer
+        self.tokenizer, self.template = tokenizer, template
         roles = {t.spec.role for t in self.objective.terms}
-        needs_alt = "alt" in self.objective.forget_term.spec.needs
-        if needs_alt and refusals is None:
+        self.needs_refusals = "alt" in self.objective.forget_term.spec.needs
+        if self.needs_refusals and refusals is None:
             from ..data import load_world
 
             refusals = load_world().refusals
-        forget = list(forget) if forget is not None else []
-        self.sides = {"forget": encode_side(tokenizer, forget, refusals=refusals, need_alt=needs_alt,
-                                            template=template)}
-        if "retain" in roles:
-            if not retain:
-                regs = ", ".join(t.name for t in self.objective.terms if t.spec.role == "retain")
-                raise ObjectiveError(f"the regulariser(s) {regs} need retain samples: pass retain=[...]")
-            self.sides["retain"] = encode_side(tokenizer, list(retain), template=template, role="retain")
+        self.refusals = refusals
+        if "retain" in roles and not retain:
+            regs = ", ".join(t.name for t in self.objective.terms if t.spec.role == "retain")
+            raise ObjectiveError(f"the regulariser(s) {regs} need retain samples: pass retain=[...]")
+        self.sides = self._encode(forget, retain if "retain" in roles else None)
+        self.sample_ids = list(self.sides["forget"].ids)
         self.batch, self.ids, self.splits, self.examples, self.slices = prepare_targets(tokenizer, targets, template)
         check_fits(model, self.batch, self.ids, "target")
         for role, side in self.sides.items():
             check_fits(model, side.batch, side.ids, role)
-            if side.alt is not None:
-                check_fits(model, side.alt, side.ids, f"{role} (with its refusal answer)")
+            if side.refusal is not None:
+                check_fits(model, side.refusal, side.ids, f"{role} (with its refusal answer)")
+        self.token_count = (self.batch["labels"][:, 1:] != -100).sum(1).numpy()
+        self.axes = make_axes(tokenizer, self.batch, self.ids, self.splits, self.examples, self.groups, self.objective,
+                              self.sample_ids, list(self.slices))
         self.reference = None
         self.reference_label = ""
 
-    def set_reference(self, reference, label: str = "given") -> None:
+    def _encode(self, forget: Sequence, retain: Sequence | None) -> dict[str, Samples]:
+        sides = {"forget": encode_side(self.tokenizer, list(forget) if forget is not None else [],
+                                       refusals=self.refusals, need_refusal=self.needs_refusals,
+                                       template=self.template)}
+        if retain is not None:
+            sides["retain"] = encode_side(self.tokenizer, list(retain), template=self.template, role="retain")
+        return sides
+
+    def set_reference(self, reference, label: str = "given", *, precompute: bool = True) -> None:
         """Compute (and cache on the sides) what the objective needs from the frozen ``reference`` model, before
         any engine pass hooks a model. Later measurements read the cache, so ``reference`` may be the very model
         that is then trained: its quantities are those of the moment this was called. ``label`` goes into the
-        Dataset's ``reference`` attribute."""
+        Dataset's ``reference`` attribute. ``precompute=False``: only per-step samples (:meth:`sides_for`) will
+        be measured, and ``reference`` stays frozen; nothing is computed on the measurement's own samples."""
         for side in self.sides.values():
             side.ref.clear()
-        with torch.no_grad(), eval_mode(reference), resident(reference):
-            for term in self.objective.terms:
-                reference_quantities(reference, self.sides[term.spec.role], term.spec.needs,
-                                     term.params.get("layer"))
         self.reference, self.reference_label = reference, label
+        if precompute:
+            self._reference_quantities(self.sides)
+
+    def _reference_quantities(self, sides: dict[str, Samples]) -> None:
+        with torch.no_grad(), eval_mode(self.reference), resident(self.reference):
+            for term in self.objective.terms:
+                reference_quantities(self.reference, sides[term.spec.role], term.spec.needs,
+                                     term.params.get("layer"))
+
+    def sides_for(self, forget: Sequence, retain: Sequence | None = None) -> dict[str, Samples]:
+        """One step's samples (a batch of the forget set, and of the retain set when the objective has
+        regularisers), encoded like the measurement's own, with the reference's quantities on them."""
+        sides = self._encode(forget, retain if "retain" in self.sides else None)
+        self._reference_quantities(sides)
+        return sides
+
+    def gradient(self, model, sides: dict[str, Samples] | None = None) -> ObjectiveGradient:
+        """The objective's gradient (term by term, with its losses) at the model's parameters, on ``sides``
+        (default: the measurement's own samples)."""
+        with resident(model):
+            return term_gradients(model, self.objective, sides or self.sides, self.reference)
 
     def effects(self, model, *, engine: str = "fast", per_token: bool = True, pg: bool = True,
-                chunk_size: int | None = 16, extra=()):
-        """The engine's :class:`~geffect_lab.engine.core.Effects` at the model's current parameters."""
+                chunk_size: int | None = 16, extra=(), sides: dict[str, Samples] | None = None,
+                gradient: ObjectiveGradient | None = None) -> Effects:
+        """The engine's :class:`~geffect_lab.engine.core.Effects` at the model's current parameters: of the
+        objective on ``sides`` (default: the measurement's samples), reusing ``gradient`` when the caller has
+        it, with ``extra`` directions (the optimiser's step) contracted in the same pass."""
         if self.reference is None:
             raise RuntimeError("call set_reference(model) first (the reference quantities are taken then)")
         chunk_size = self.chunk_size(model, chunk_size, per_token=per_token, pg=pg)
-        if extra and engine != "fast":
-            raise ValueError("extra directions are a fast-engine feature")
+        if (extra or gradient is not None) and engine != "fast":
+            raise ValueError("extra directions and a given gradient are fast-engine features")
+        sides = sides or self.sides
         offloaded = is_offloaded(model)
         with resident(model):  # offloaded weights held on the model, as one set of parameters, for the pass
             # (the parameter objects are new then, so their groups are taken again)
             groups = layer_groups(model) if offloaded else self.groups
             if engine == "reference":
-                return reference_effects(model, groups, self.objective, self.sides, self.reference, self.batch,
+                return reference_effects(model, groups, self.objective, sides, self.reference, self.batch,
                                          self.ids, self.slices, chunk_size=chunk_size, per_token=per_token, pg=pg)
             verify = self.verify == "always" or (self.verify == "first" and not self._verified)
-            out = fast_effects(model, groups, self.objective, self.sides, self.reference, self.batch, self.ids,
+            out = fast_effects(model, groups, self.objective, sides, self.reference, self.batch, self.ids,
                                self.slices, chunk_size=chunk_size, per_token=per_token, pg=pg, extra=extra,
-                               verify=verify)
+                               verify=verify, gradient=gradient)
         self._verified = True
         return out
+
+    def risks(self, model, chunk_size: int | None = 16):
+        """The targets' risks only (no G-effect), without gradients."""
+        with resident(model):
+            return target_risks(model, self.batch, self.chunk_size(model, chunk_size, per_token=False, pg=False))
 
     def chunk_size(self, model, chunk_size, *, per_token: bool, pg: bool) -> int | None:
         """``chunk_size`` checked, ``"auto"`` resolved (:func:`resolve_chunk_size`)."""
@@ -217,24 +256,48 @@ class Measurement:
                                   per_token=per_token, pg=pg, n_terms=len(self.objective.terms),
                                   n_sets=len(self.slices), verify=self.verify == "always" or not self._verified)
 
-    def dataset(self, model, effects, step: int, data=None, engine: str = "fast") -> xr.Dataset:
-        """A one-step Dataset from :meth:`effects`, with ``data`` (e.g. ``learning_rate``) added."""
+    def attrs(self, model, engine: str = "fast") -> dict[str, Any]:
+        """The attrs every Dataset of this measurement carries."""
         obj = self.objective
-        attrs = {"objective": obj.name, "objective_params": obj.params(), "objective_repr": repr(obj),
-                 "engine": engine, "package_version": __version__, "reference": self.reference_label,
-                 **model_description(model)}
-        axes = make_axes(self.tokenizer, self.ids, self.splits, self.examples, self.groups, obj,
-                         self.sides["forget"].ids, list(self.slices), effects.answer_tokens,
-                         effects.g_effect_token.shape[1])
-        return effects_dataset(effects, axes, step=step, attrs=attrs, data=data)
+        return {"objective": obj.name, "objective_params": obj.params(), "objective_repr": repr(obj),
+                "engine": engine, "package_version": __version__, "reference": self.reference_label,
+                **model_description(model)}
+
+    def dataset(self, model, effects: Effects, step: int, data=None, engine: str = "fast",
+                samples: Sequence[str] | None = None) -> xr.Dataset:
+        """A one-step Dataset from :meth:`effects` (taken on the forget ``samples``, by default all of them),
+        with ``data`` (e.g. ``learning_rate``) added."""
+        if samples is not None and list(samples) != self.sample_ids:
+            effects = on_sample_axis(effects, samples, self.sample_ids)
+        return effects_dataset(effects, self.axes, step=step, attrs=self.attrs(model, engine), data=data)
 
     def measure(self, model, step: int = 0, engine: str = "fast", data=None, **kwargs) -> xr.Dataset:
         """:meth:`effects` as a one-step Dataset."""
-        return self.dataset(model, self.effects(model, engine=engine, **kwargs), step, data, engine)
+        sides = kwargs.get("sides")
+        samples = sides["forget"].ids if sides is not None else None
+        return self.dataset(model, self.effects(model, engine=engine, **kwargs), step, data, engine, samples)
 
 
-def make_axes(tokenizer, ids, splits, examples, groups, objective, sample_ids, against, answer_tokens, width):
-    """The :class:`~geffect_lab.results.Axes` of a measurement."""
+def on_sample_axis(effects: Effects, samples: Sequence[str], sample_ids: Sequence[str]) -> Effects:
+    """``effects`` taken on a batch of forget ``samples``, its per-sample values placed on the full
+    ``sample_ids`` axis (NaN for the samples not in the batch)."""
+    cols = [list(sample_ids).index(s) for s in samples]
+
+    def place(values):
+        if values is None:
+            return None
+        out = np.full((len(sample_ids),) + values.shape[1:], np.nan)
+        out[cols] = values
+        return out
+
+    return replace(effects, sample_loss=place(effects.sample_loss), pg_effect=place(effects.pg_effect),
+                   sample_weight=place(effects.sample_weight))
+
+
+def make_axes(tokenizer, batch, ids, splits, examples, groups, objective, sample_ids, against) -> Axes:
+    """The :class:`~geffect_lab.results.Axes` of a measurement of the targets ``examples`` (encoded: ``batch``)."""
+    answer_tokens = [row[row != -100].tolist() for row in batch["labels"][:, 1:]]
+    width = max(max(len(a) for a in answer_tokens), 1)
     return Axes(instance_ids=list(ids), splits=list(splits),
                 questions=[example_field(e, "question") for e in examples],
                 answers=[example_field(e, "answer") for e in examples], layer_names=list(groups.names),

@@ -13,12 +13,12 @@ import torch
 
 from .._batching import chunks, eval_mode, trainable_parameters
 from ..objectives import Objective, ObjectiveError
-from .forward import Side, objective_inputs, risk_and_tokens
+from .forward import Samples, objective_inputs, risk_and_tokens
 from .ghost import GhostPass, accumulation_dtype, engine_mode
 from .groups import LayerGroups
 
-__all__ = ["Effects", "ObjectiveGradient", "term_gradients", "risk_gradient", "fast_effects", "reference_effects",
-           "check_totals", "EngineCheckError", "NoGradientWarning"]
+__all__ = ["Effects", "ObjectiveGradient", "term_gradients", "risk_gradient", "target_risks", "fast_effects",
+           "reference_effects", "check_totals", "EngineCheckError", "NoGradientWarning"]
 
 
 @dataclass
@@ -55,7 +55,7 @@ class Effects:
     sample_weight: np.ndarray | None = None
 
 
-def term_gradients(model, objective: Objective, sides: dict[str, Side], reference) -> ObjectiveGradient:
+def term_gradients(model, objective: Objective, sides: dict[str, Samples], reference) -> ObjectiveGradient:
     """∇(weight · mean_j ℓ_j) of every term, the term losses and the forget term's per-sample losses (and
     weights). One ordinary forward+backward per term, in eval mode, ``.grad`` untouched."""
     params = trainable_parameters(model)
@@ -117,6 +117,16 @@ def risk_gradient(model, batch, chunk_size: int | None) -> dict[int, torch.Tenso
     return {id(p): g for p, g in zip(params, total)}
 
 
+def target_risks(model, batch, chunk_size: int | None) -> np.ndarray:
+    """Every row's risk, without gradients (chunked)."""
+    out = []
+    with torch.no_grad(), eval_mode(model):
+        for _, part in chunks(batch, chunk_size):
+            risk, _, _ = risk_and_tokens(model, part)
+            out.append(risk.double().cpu().numpy())
+    return np.concatenate(out)
+
+
 def _answer_tokens(batch) -> list[list[int]]:
     labels = batch["labels"][:, 1:]
     return [row[row != -100].tolist() for row in labels]
@@ -130,7 +140,7 @@ def _check_finite(name: str, values: torch.Tensor, ids: Sequence[str]):
                                  "the model's outputs overflow; try float32/float64 instead of float16")
 
 
-def fast_effects(model, groups: LayerGroups, objective: Objective, sides: dict[str, Side], reference,
+def fast_effects(model, groups: LayerGroups, objective: Objective, sides: dict[str, Samples], reference,
                  targets: dict[str, torch.Tensor], target_ids: list[str], target_sets: dict[str, slice],
                  chunk_size: int | None = 16, per_token: bool = True, pg: bool = True,
                  gradient: ObjectiveGradient | None = None, extra: Sequence[dict[int, torch.Tensor]] = (),
@@ -314,7 +324,7 @@ def _dot_by_group(groups: LayerGroups, grads: Sequence[torch.Tensor | None], par
     return out
 
 
-def reference_effects(model, groups: LayerGroups, objective: Objective, sides: dict[str, Side], reference,
+def reference_effects(model, groups: LayerGroups, objective: Objective, sides: dict[str, Samples], reference,
                       targets: dict[str, torch.Tensor], target_ids: list[str], target_sets: dict[str, slice],
                       chunk_size: int | None = 16, per_token: bool = True, pg: bool = True) -> Effects:
     """The oracle: per instance (and per token, per sample) an ordinary full-size gradient, dotted with the

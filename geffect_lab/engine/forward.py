@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from .._batching import model_device, trim
+from .._batching import captured_output, log_probs, model_device, trim
 from ..data import PromptTemplate, encode_pairs, example_field, example_id
 from ..objectives import ObjectiveError, ObjectiveInputs, Term
 from .groups import find_blocks
 
-__all__ = ["Side", "encode_side", "answer_logp", "risk_and_tokens", "objective_inputs", "reference_quantities",
+__all__ = ["Samples", "encode_side", "answer_logp", "risk_and_tokens", "objective_inputs", "reference_quantities",
            "check_fits", "max_positions",
            "default_layer", "resolve_layers", "refusal_for"]
 
@@ -51,49 +51,40 @@ def refusal_for(example_id_: str, refusals: Sequence[str]) -> str:
 
 
 @dataclass
-class Side:
-    """The samples of one side of an objective (forget or retain), encoded once."""
+class Samples:
+    """The samples of one side of an objective (its forget or retain samples), encoded once: ``batch`` the
+    question + answer, ``refusal`` the question + its refusal answer (for objectives that train towards one)."""
 
     ids: list[str]
     batch: dict[str, torch.Tensor]
-    alt: dict[str, torch.Tensor] | None = None       # (question, refusal) pairs, when a term needs them
+    refusal: dict[str, torch.Tensor] | None = None
     ref: dict[str, torch.Tensor] = field(default_factory=dict)  # reference quantities, filled lazily
 
 
 def encode_side(tokenizer, examples: Sequence[Any], *, refusals: Sequence[str] | None = None,
-                need_alt: bool = False, template: PromptTemplate | str | None = None, role: str = "forget") -> Side:
+                need_refusal: bool = False, template: PromptTemplate | str | None = None,
+                role: str = "forget") -> Samples:
     if not examples:
         raise ObjectiveError(f"the {role} set is empty; the objective needs {role} samples")
     ids = [example_id(e, i) for i, e in enumerate(examples)]
     questions = [example_field(e, "question") for e in examples]
     batch = encode_pairs(tokenizer, list(zip(questions, [example_field(e, "answer") for e in examples])), template)
-    alt = None
-    if need_alt:
+    refusal = None
+    if need_refusal:
         if not refusals:
             raise ObjectiveError("this objective trains towards refusal answers, but no refusals were given "
                                  "(pass refusals=world.refusals)")
-        alt = encode_pairs(tokenizer, [(q, refusal_for(i, refusals)) for q, i in zip(questions, ids)], template)
-    return Side(ids, batch, alt)
+        refusal = encode_pairs(tokenizer, [(q, refusal_for(i, refusals)) for q, i in zip(questions, ids)], template)
+    return Samples(ids, batch, refusal)
 
 
 def _forward(model, batch: dict[str, torch.Tensor], hidden_layer: int | None = None):
     """Logits of a batch and, when asked, the hidden state after block ``hidden_layer``."""
     device = model_device(model)
     part = {k: v.to(device) for k, v in trim(batch).items()}
-    captured: list[torch.Tensor] = []
-    handle = None
-    if hidden_layer is not None:
-        block = find_blocks(model)[1][hidden_layer]
-
-        def grab(_module, _args, output):
-            captured.append(output[0] if isinstance(output, tuple) else output)
-
-        handle = block.register_forward_hook(grab)
-    try:
+    block = find_blocks(model)[1][hidden_layer] if hidden_layer is not None else None
+    with captured_output(block) as captured:
         logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], use_cache=False).logits
-    finally:
-        if handle is not None:
-            handle.remove()
     return logits, part["labels"], (captured[-1] if captured else None)
 
 
@@ -113,9 +104,7 @@ def answer_logp(logits: torch.Tensor, labels: torch.Tensor, full: bool = False):
     pos = (first[:, None] + k[None, :]).clamp(max=lab.shape[1] - 1)      # index into the shifted axis
     mask = (k[None, :] < lengths[:, None])
     lg = logits[:, :-1].gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
-    if lg.dtype in (torch.float16, torch.bfloat16):  # log-probabilities of a half-precision model in float32
-        lg = lg.float()
-    logp_all = torch.log_softmax(lg, dim=-1)
+    logp_all = log_probs(lg)
     tok = lab.gather(1, pos).clamp_min(0)
     logp = logp_all.gather(-1, tok[..., None]).squeeze(-1)
     maskf = mask.to(logp.dtype)
@@ -136,20 +125,20 @@ def risk_and_tokens(model, batch: dict[str, torch.Tensor]):
     return (nll * mask).sum(1) / mask.sum(1).clamp_min(1), nll, mask
 
 
-def _quantities(model, side: Side, needs: frozenset[str], layer: int | None, alt: bool):
+def _quantities(model, side: Samples, needs: frozenset[str], layer: int | None, alt: bool):
     logits, labels, hidden = _forward(model, side.batch, layer if needs & {"hidden", "ref_hidden"} else None)
     logp, mask, full, pos = answer_logp(logits, labels, full=bool(needs & {"full_logp", "ref_full_logp"}))
     out: dict[str, torch.Tensor | None] = {"logp": logp, "mask": mask, "full_logp": full}
     if hidden is not None:
         out["hidden"] = hidden_at_answers(hidden, pos)  # pos: each answer token's own (label) position
-    if alt and side.alt is not None:
-        alt_logits, alt_labels, _ = _forward(model, side.alt)
+    if alt and side.refusal is not None:
+        alt_logits, alt_labels, _ = _forward(model, side.refusal)
         out["alt_logp"], out["alt_mask"], _, _ = answer_logp(alt_logits, alt_labels)
     return out
 
 
 @torch.no_grad()
-def reference_quantities(reference, side: Side, needs: frozenset[str], layer: int | None) -> dict[str, torch.Tensor]:
+def reference_quantities(reference, side: Samples, needs: frozenset[str], layer: int | None) -> dict[str, torch.Tensor]:
     """What a term needs from the frozen reference model, computed without gradients and cached on the side."""
     want = {n for n in needs if n.startswith("ref_")}
     key = (tuple(sorted(want)), layer)
@@ -172,7 +161,7 @@ def reference_quantities(reference, side: Side, needs: frozenset[str], layer: in
     return side.ref[key]
 
 
-def objective_inputs(model, term: Term, side: Side, reference) -> ObjectiveInputs:
+def objective_inputs(model, term: Term, side: Samples, reference) -> ObjectiveInputs:
     """Run the forward passes ``term`` needs on ``side`` and pack them (with reference quantities)."""
     needs = term.spec.needs
     layer = term.params.get("layer") if needs & {"hidden", "ref_hidden"} else None

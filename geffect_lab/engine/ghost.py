@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .._batching import eval_mode
+from .._batching import eval_mode, trainable_parameters
 from .groups import LayerGroups
 
 __all__ = ["GhostPass", "GhostResult", "engine_mode", "accumulation_dtype", "FAST_TANGENTS", "FastTangent",
@@ -469,7 +469,7 @@ class GhostPass:
             # The backward runs outside the dual level: saved tensors have shed their tangents by now.
             grads = None
             if param_grads:
-                params = [p for p in {id(p): p for p in self.model.parameters()}.values() if p.requires_grad]
+                params = trainable_parameters(self.model)
                 got = torch.autograd.grad(primal_loss.sum(), params, allow_unused=True)
                 grads = {id(p): g for p, g in zip(params, got) if g is not None}
             elif primal_loss.requires_grad:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..schema import COARSE_GROUPS, coarse_map  # noqa: F401  (re-exported: the engine's public names)
+
 __all__ = ["LayerGroups", "layer_groups", "find_blocks", "ModelStructureError", "COARSE_GROUPS", "coarse_map"]
 
 
@@ -116,23 +118,3 @@ def layer_groups(model: nn.Module) -> LayerGroups:
         if id(param) not in of_param:  # cannot happen with the rule above; guard against odd models
             raise ModelStructureError(f"parameter {name!r} of {type(model).__name__} falls in no layer group")
     return LayerGroups(tuple(names), param_names, of_param, blocks_path, n_blocks)
-
-
-COARSE_GROUPS = ("embed", "shallow", "middle", "deep", "lm")
-
-
-def coarse_map(layer_names, n_blocks: int | None = None) -> dict[str, str]:
-    """The paper's five groups: embed, shallow / middle / deep (thirds of the blocks), lm (norm + lm_head)."""
-    blocks = [n for n in layer_names if str(n).startswith("layers.")]
-    n = n_blocks if n_blocks is not None else len(blocks)
-    out = {}
-    for name in layer_names:
-        name = str(name)
-        if name == "embed":
-            out[name] = "embed"
-        elif name.startswith("layers."):
-            i = int(name.split(".")[1])
-            out[name] = COARSE_GROUPS[1 + min(2, (3 * i) // max(n, 1))]
-        else:
-            out[name] = "lm"
-    return out

@@ -13,9 +13,10 @@ from .registry import (
     get_objective,
     list_objectives,
     objective,
+    remove_objective,
     resolve_objective,
 )
 
 __all__ = ["NEEDS", "Objective", "ObjectiveError", "ObjectiveInputs", "ObjectiveSpec", "Term", "builtin",
-           "get_objective", "list_objectives", "objective", "resolve_objective", "ga", "wga", "npo", "simnpo",
-           "tnpo", "wtnpo", "po", "dpo", "rmu", "gd", "kl", "rr"]
+           "get_objective", "list_objectives", "objective", "remove_objective", "resolve_objective", "ga", "wga",
+           "npo", "simnpo", "tnpo", "wtnpo", "po", "dpo", "rmu", "gd", "kl", "rr"]

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 __all__ = ["ObjectiveInputs", "ObjectiveSpec", "Term", "Objective", "objective", "get_objective",
-           "list_objectives", "resolve_objective", "NEEDS", "ObjectiveError"]
+           "remove_objective", "list_objectives", "resolve_objective", "NEEDS", "ObjectiveError"]
 
 # What an objective may ask the engine for (besides ``logp``/``mask``, always given).
 NEEDS = {
@@ -294,7 +294,7 @@ _REGISTRY: dict[str, ObjectiveSpec] = {}
 
 
 def objective(name: str, *, role: str = "forget", needs: Iterable[str] = (),
-              weight: Callable[..., torch.Tensor] | None = None):
+              weight: Callable[..., torch.Tensor] | None = None, overwrite: bool = False):
     """Register a per-sample loss function under ``name``.
 
     The function takes an :class:`ObjectiveInputs` first and keyword parameters with defaults after it; it
@@ -302,7 +302,8 @@ def objective(name: str, *, role: str = "forget", needs: Iterable[str] = (),
     (regularisers) on retain samples. ``needs`` lists what the engine must compute (see :data:`NEEDS`); an
     objective that needs ``hidden`` must have a ``layer`` parameter. ``weight(x, **params)`` optionally gives
     the per-sample factor by which the objective rescales a plain (ascent or descent) gradient — NPO's
-    ``2p^β/(p^β+p_o^β)`` — which runs record as ``sample_weight``. Registering a name again replaces it.
+    ``2p^β/(p^β+p_o^β)`` — which runs record as ``sample_weight``. A name already registered is refused
+    unless ``overwrite=True`` (what a notebook cell that is edited and re-run wants).
     """
     if role not in ROLES:
         raise ObjectiveError(f"role must be one of {ROLES}, got {role!r}")
@@ -313,6 +314,10 @@ def objective(name: str, *, role: str = "forget", needs: Iterable[str] = (),
                              f"{', '.join(NEEDS)}")
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", name):
         raise ObjectiveError(f"objective names are identifiers (letters, digits, _ and -), got {name!r}")
+    if name in _REGISTRY and not overwrite:
+        what = "a built-in" if _REGISTRY[name].fn.__module__.endswith("objectives.builtin") else "already registered"
+        raise ObjectiveError(f"objective {name!r} is {what}: pass overwrite=True to replace it, or choose another "
+                             "name")
 
     def register(fn: Callable[..., torch.Tensor]) -> ObjectiveSpec:
         doc = inspect.getdoc(fn) or ""
@@ -324,6 +329,12 @@ def objective(name: str, *, role: str = "forget", needs: Iterable[str] = (),
         return spec
 
     return register
+
+
+def remove_objective(name: str) -> ObjectiveSpec:
+    """Unregister ``name`` (a user objective, or a built-in you replaced) and return what was registered."""
+    get_objective(name)
+    return _REGISTRY.pop(name)
 
 
 def list_objectives(role: str | None = None) -> list[str]:

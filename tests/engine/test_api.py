@@ -47,7 +47,7 @@ def test_token_texts_spell_the_answers(ds, tokenizer):
         assert np.isnan(ds.g_effect_token.values[0, i, n:]).all()
 
 
-def test_npo_weight_is_one_without_a_reference(tokenizer, tiny_llama, tiny_sets):
+def test_npo_weight_is_one_without_a_reference(tokenizer, tiny_llama, tiny_sets, scratch_objectives):
     """reference=None: the model as given, so NPO's gradient is exactly the sequence-level GA gradient."""
     forget = tiny_sets["forget"]
     npo = gl.g_effect(tiny_llama, tokenizer, "npo", forget=forget, targets=tiny_sets["targets"], pg=False)
@@ -57,11 +57,8 @@ def test_npo_weight_is_one_without_a_reference(tokenizer, tiny_llama, tiny_sets)
     def seq_ga(x):
         return -x.sum(x.nll)
 
-    try:
-        seq = gl.g_effect(tiny_llama, tokenizer, "test_seq_ga", forget=forget, targets=tiny_sets["targets"],
-                          pg=False)
-    finally:
-        gl.objectives.registry._REGISTRY.pop("test_seq_ga")
+    seq = gl.g_effect(tiny_llama, tokenizer, "test_seq_ga", forget=forget, targets=tiny_sets["targets"],
+                      pg=False)
     np.testing.assert_allclose(npo.g_effect.values, seq.g_effect.values, rtol=1e-12)
     assert lengths.min() > 1
 
@@ -74,7 +71,7 @@ def test_a_reference_model_changes_npo(tokenizer, tiny_llama, tiny_sets):
     assert not np.allclose(same.g_effect.values, shifted.g_effect.values)
 
 
-def test_bad_objective_outputs_name_the_objective_and_instance(tokenizer, tiny_llama, tiny_sets):
+def test_bad_objective_outputs_name_the_objective_and_instance(tokenizer, tiny_llama, tiny_sets, scratch_objectives):
     @gl.objective("test_bad_shape")
     def bad_shape(x):
         return x.logp.sum()
@@ -84,15 +81,11 @@ def test_bad_objective_outputs_name_the_objective_and_instance(tokenizer, tiny_l
         return x.mean(x.logp) * torch.tensor([float("nan")] + [1.0] * (x.n_samples - 1), dtype=x.logp.dtype)
 
     args = dict(forget=tiny_sets["forget"], targets=tiny_sets["targets"])
-    try:
-        with pytest.raises(ObjectiveError, match=r"'test_bad_shape' must return one loss per sample, shape \(3,\)"):
-            gl.g_effect(tiny_llama, tokenizer, "test_bad_shape", **args)
-        first = tiny_sets["forget"][0].id
-        with pytest.raises(ObjectiveError, match=rf"'test_nan' returned a non-finite loss .*{first}"):
-            gl.g_effect(tiny_llama, tokenizer, "test_nan", **args)
-    finally:
-        for name in ("test_bad_shape", "test_nan"):
-            gl.objectives.registry._REGISTRY.pop(name)
+    with pytest.raises(ObjectiveError, match=r"'test_bad_shape' must return one loss per sample, shape \(3,\)"):
+        gl.g_effect(tiny_llama, tokenizer, "test_bad_shape", **args)
+    first = tiny_sets["forget"][0].id
+    with pytest.raises(ObjectiveError, match=rf"'test_nan' returned a non-finite loss .*{first}"):
+        gl.g_effect(tiny_llama, tokenizer, "test_nan", **args)
 
 
 def test_empty_sets_and_missing_inputs(tokenizer, tiny_llama, tiny_sets):

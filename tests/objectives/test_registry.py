@@ -61,21 +61,18 @@ def test_bad_parameters_name_the_valid_ones():
         "layer": 1, "c": 5.0, "seed": 0, "normalize": True}
 
 
-def test_a_user_objective_is_indistinguishable_from_a_builtin():
+def test_a_user_objective_is_indistinguishable_from_a_builtin(scratch_objectives):
     @gl.objective("test_damped_ga", needs=("ref_logp",))
     def damped(x, gamma: float = 0.5):
         """GA damped by the reference's confidence."""
         return -x.mean(x.nll * torch.exp(gamma * x.ref_logp))
 
-    try:
-        assert "test_damped_ga" in gl.list_objectives()
-        spec = gl.get_objective("test_damped_ga")
-        assert spec.defaults == {"gamma": 0.5} and spec.description.startswith("GA damped")
-        term = damped(gamma=0.1)
-        assert isinstance(term, Term) and term.params == {"gamma": 0.1}
-        assert resolve_objective("test_damped_ga+gd").term_names == ["forget", "gd"]
-    finally:
-        gl.objectives.registry._REGISTRY.pop("test_damped_ga")
+    assert "test_damped_ga" in gl.list_objectives()
+    spec = gl.get_objective("test_damped_ga")
+    assert spec.defaults == {"gamma": 0.5} and spec.description.startswith("GA damped")
+    term = damped(gamma=0.1)
+    assert isinstance(term, Term) and term.params == {"gamma": 0.1}
+    assert resolve_objective("test_damped_ga+gd").term_names == ["forget", "gd"]
 
 
 def test_registration_errors():
@@ -85,3 +82,28 @@ def test_registration_errors():
         gl.objective("no_layer", needs=("hidden",))(lambda x: x.hidden.sum())
     with pytest.raises(ObjectiveError, match="role"):
         gl.objective("bad_role", role="both")
+
+
+def test_a_registered_name_is_replaced_only_with_overwrite(scratch_objectives):
+    @gl.objective("test_twice")
+    def first(x):
+        return -x.mean(x.nll)
+
+    with pytest.raises(ObjectiveError, match="objective 'test_twice' is already registered: pass overwrite=True"):
+        @gl.objective("test_twice")
+        def again(x):
+            return x.mean(x.nll)
+
+    with pytest.raises(ObjectiveError, match="objective 'npo' is a built-in: pass overwrite=True"):
+        gl.objective("npo")(lambda x: x.mean(x.nll))
+    assert gl.get_objective("test_twice").fn is first.fn
+
+    @gl.objective("test_twice", overwrite=True)
+    def replaced(x, scale: float = 2.0):
+        return -scale * x.mean(x.nll)
+
+    assert gl.get_objective("test_twice").defaults == {"scale": 2.0}
+    assert gl.objectives.remove_objective("test_twice").fn is replaced.fn
+    assert "test_twice" not in gl.list_objectives()
+    with pytest.raises(ObjectiveError, match="unknown objective 'test_twice'"):
+        gl.objectives.remove_objective("test_twice")
