@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 import geffect_lab as gl
 from geffect_lab import plots
 
@@ -65,11 +68,13 @@ def test_run_tab_runs_live_and_stops(target, world):
     dash.reg_weight.value = 0.5
     dash.steps.value = 3
     assert dash.run_config()["objective"] == "npo+0.5*gd"
-    frames = []
+    frames, threads = [], set()
     dash.live.observe(lambda change: frames.append(len(change["new"])), names="value")
+    dash.progress.observe(lambda change: threads.add(threading.current_thread()), names="value")
     dash.run_button.click()
     dash.wait(120)
     assert not dash.log.outputs, dash.log.outputs
+    assert threads == {threading.main_thread()}  # the training thread never touches a widget
     assert dash.progress.value == 3 and len(frames) == 3  # the plot was redrawn at each recorded step
     run = dash.runs["npo+0.5*gd"]
     assert run.attrs["complete"] == 1 and '"npo.beta": 0.2' in run.attrs["objective_params"]
@@ -121,3 +126,21 @@ def test_attribution_tab_shows_the_selected_instance(target, world):
     dash.attribution_view.value = "before / after"
     assert "before and after" in dash.attribution_figure.axes[0].get_title()
     assert not dash.log.outputs
+
+
+def test_background_messages_are_handled_on_the_loop_thread():
+    """In a kernel (a running asyncio loop) the worker's messages reach the handler on the loop's thread, in order,
+    without anyone calling wait()."""
+    from geffect_lab.widgets.background import BackgroundJob
+
+    async def main():
+        seen = []
+        job = BackgroundJob(lambda kind, payload: seen.append((kind, payload, threading.current_thread())))
+        job.start(lambda post, stop_requested: [post("step", i) for i in range(5)])
+        while len(seen) < 5:
+            await asyncio.sleep(0.01)
+        return seen
+
+    seen = asyncio.run(asyncio.wait_for(main(), 30))
+    assert [(kind, step) for kind, step, _ in seen] == [("step", i) for i in range(5)]
+    assert {thread for _, _, thread in seen} == {threading.main_thread()}
