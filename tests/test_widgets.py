@@ -88,22 +88,19 @@ def test_run_tab_runs_live_and_stops(target, world):
     assert stopped.attrs["complete"] == 0 and stopped.sizes["step"] < 50
 
 
-def test_user_objectives_appear_after_refresh(target, world):
+def test_user_objectives_appear_after_refresh(target, world, scratch_objectives):
     dash = gl.Dashboard(model=target[0], tokenizer=target[1], world=world)
 
     @gl.objective("dash_half_ga")
     def half(x, scale: float = 0.5, clip: bool = True):
         return -scale * x.mean(x.nll)
 
-    try:
-        assert "dash_half_ga" not in dash.objective.options
-        dash.refresh_objectives.click()
-        dash.objective.value = "dash_half_ga"
-        widgets = dash.param_widgets
-        assert widgets["scale"].value == 0.5 and widgets["clip"].value is True
-        assert type(widgets["clip"]).__name__ == "Checkbox"
-    finally:
-        gl.objectives.registry._REGISTRY.pop("dash_half_ga")
+    assert "dash_half_ga" not in dash.objective.options
+    dash.refresh_objectives.click()
+    dash.objective.value = "dash_half_ga"
+    widgets = dash.param_widgets
+    assert widgets["scale"].value == 0.5 and widgets["clip"].value is True
+    assert type(widgets["clip"]).__name__ == "Checkbox"
 
 
 def test_plots_module_is_what_the_dashboard_draws_with():
