@@ -10,15 +10,44 @@
 
 ``--import mymodule`` (before or after the command) imports a module first, so the objectives it registers
 with ``@geffect_lab.objective`` are offered like the built-ins. Run ``geffect-lab COMMAND --help`` for each
-command's options.
+command's options. A mistake in the input gets one line naming it and exit code 2; ``--debug`` shows the
+traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 from pathlib import Path
+
+
+def _whole(low: int):
+    """An argparse type: a whole number >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is not valid; use a whole number >= {low}")
+        return value
+    return parse
+
+
+def _number(low: float, strict: bool = False):
+    """An argparse type: a finite number >= ``low`` (> ``low`` when ``strict``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"{text} is not valid; use a finite number {'>' if strict else '>='} "
+                                             f"{low:g}")
+        return value
+    return parse
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -45,20 +74,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .data import load_world
     from .objectives import resolve_objective
     from .results import summarize
-    from .runs import unlearn
+    from .runs import RECORD_ALL, RunConfig, check_output_path
 
     params = _parse_params(args.param)
     resolve_objective(args.objective, params)  # fail on a bad objective or parameter before loading anything
+    record = [r.strip() for r in args.record.split(",") if r.strip()] if args.record is not None else RECORD_ALL
+    config = RunConfig(objective=args.objective, params=params, forget=args.forget, lr=args.lr,
+                       optimizer=args.optimizer, batch_size=args.batch_size, seed=args.seed,
+                       record_every=args.record_every, steps=args.steps, epochs=args.epochs,
+                       weight_decay=args.weight_decay, warmup=args.warmup, record=tuple(record))
+    if args.output is not None:
+        check_output_path(args.output)
     world = load_world(args.world) if args.world else None
     model, tok = zoo.load(args.model)
-    record = [r.strip() for r in args.record.split(",") if r.strip()] if args.record is not None else None
-    kwargs = dict(objective=args.objective, params=params, forget=args.forget, world=world, lr=args.lr,
-                  optimizer=args.optimizer, batch_size=args.batch_size, seed=args.seed,
-                  record_every=args.record_every, out=args.output, steps=args.steps, epochs=args.epochs,
-                  weight_decay=args.weight_decay, warmup=args.warmup)
-    if record is not None:
-        kwargs["record"] = record
-    ds = unlearn(model, tok, **kwargs)
+    ds = config.unlearn(model, tok, world=world, out=args.output)
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(summarize({ds.attrs["objective"]: ds}).to_string(float_format=lambda x: f"{x:.4g}"))
     print(f"\nwritten to {args.output}" if args.output else "")
@@ -161,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                         help="import a module that registers objectives (repeatable)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     lines = "\n".join(f"  {n:9s} {', '.join(f'{k}={v!r}' for k, v in get_objective(n).defaults.items()) or '-':40s}"
@@ -187,17 +217,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="target", help="zoo name or checkpoint folder (default %(default)s)")
     p.add_argument("--world", default=None, help="folder of TOFU files (default: the bundled world)")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, default=None, help="number of updates")
-    length.add_argument("--epochs", type=float, default=None,
+    length.add_argument("--steps", type=_whole(1), default=None, help="number of updates")
+    length.add_argument("--epochs", type=_number(0, strict=True), default=None,
                         help=f"passes over the forget split (default {DEFAULTS['epochs']})")
-    p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="learning rate (default %(default)s)")
+    p.add_argument("--lr", type=_number(0, strict=True), default=DEFAULTS["lr"],
+                   help="learning rate (default %(default)s)")
     p.add_argument("--optimizer", default=DEFAULTS["optimizer"], choices=["sgd", "adam", "adamw"],
                    help="default %(default)s; under sgd the update effect equals the G-effect")
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="default %(default)s")
-    p.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"], help="default %(default)s")
-    p.add_argument("--warmup", type=int, default=DEFAULTS["warmup"], help="warm-up steps (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--record-every", type=int, default=DEFAULTS["record_every"],
+    p.add_argument("--batch-size", type=_whole(1), default=DEFAULTS["batch_size"], help="default %(default)s")
+    p.add_argument("--weight-decay", type=_number(0), default=DEFAULTS["weight_decay"], help="default %(default)s")
+    p.add_argument("--warmup", type=_whole(0), default=DEFAULTS["warmup"], help="warm-up steps (default %(default)s)")
+    p.add_argument("--seed", type=_whole(0), default=0)
+    p.add_argument("--record-every", type=_whole(1), default=DEFAULTS["record_every"],
                    help="measure every k-th step (default %(default)s)")
     p.add_argument("--record", default=None,
                    help=f"comma-separated subset of {','.join(RECORD_ALL)} (default: all); '' records risks only")
@@ -225,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run GA, NPO and WGA on forget05 with the 'target' zoo model for a short "
                                    "run, write results/<objective>.nc and print a summary table.")
     p.add_argument("--out", default="results", help="folder for the result files (default: results)")
-    p.add_argument("--steps", type=int, default=15, help="updates per objective (default %(default)s)")
+    p.add_argument("--steps", type=_whole(1), default=15, help="updates per objective (default %(default)s)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("world", help="list the splits of a world",
@@ -239,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["list", "build"])
     p.add_argument("names", nargs="*", help="zoo names to build (default: all)")
     p.add_argument("--force", action="store_true", help="rebuild models that already exist")
-    p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (quick checks)")
+    p.add_argument("--epochs", type=_whole(1), default=None, help="override the recipe's epochs (quick checks)")
     p.add_argument("--out", default=None, help="folder to build into (default: data/zoo)")
     p.set_defaults(func=_cmd_zoo)
     return parser
@@ -259,21 +290,45 @@ def _preimport(argv: list[str]) -> None:
     for module in known.imports:
         try:
             importlib.import_module(module)
-        except ImportError as err:
-            raise SystemExit(f"geffect-lab: error: --import {module}: {err}") from None
+        except Exception as err:  # noqa: BLE001 - the user's module failed: name it, with its error
+            raise ValueError(f"--import {module}: {type(err).__name__}: {err}") from err
+
+
+# what a user's input can cause: one line and exit code 2, never a traceback (--debug shows it)
+USER_ERRORS = (ValueError, KeyError, LookupError, OSError, RuntimeError)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _preimport(argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     try:
+        _preimport(argv)
+        args = build_parser().parse_args(argv)
         return args.func(args)
-    except (KeyError, ValueError, FileNotFoundError, OSError) as err:
+    except KeyboardInterrupt:
+        print("geffect-lab: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the one place that turns errors into messages
+        if debug:
+            raise
+        return _report(err)
+
+
+def _report(err: Exception) -> int:
+    """One line for an error a user can fix (exit 2); a bug of ours says so and where to report it (exit 1)."""
+    from .runs import RunError
+
+    if isinstance(err, USER_ERRORS) and not isinstance(err, (NotImplementedError, RecursionError)):
         msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"geffect-lab: error: {msg}", file=sys.stderr)
+        if isinstance(err, RunError) and err.__cause__ is not None:
+            print("  (run again with --debug for the traceback of the failure)", file=sys.stderr)
         return 2
+    print(f"geffect-lab: internal error: {type(err).__name__}: {err}\n  This is a bug in geffect-lab, not in "
+          "your input: please report it on the project's issue tracker with the command you ran and the output "
+          "of the same command with --debug.", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -28,8 +28,9 @@ import torch
 
 from ._batching import pad_id
 
-__all__ = ["Example", "World", "WorldFormatError", "load_world", "encode", "PromptTemplate", "TEMPLATES",
-           "DEFAULT_TEMPLATE", "resolve_template", "example_id", "example_field", "data_dir", "tofu_dir", "spread"]
+__all__ = ["Example", "World", "WorldFormatError", "RecordError", "check_records", "load_world", "encode",
+           "PromptTemplate", "TEMPLATES", "DEFAULT_TEMPLATE", "resolve_template", "example_id", "example_field",
+           "data_dir", "tofu_dir", "spread"]
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 
@@ -118,6 +119,29 @@ def example_id(example: Any, position: int | None = None) -> str:
             raise KeyError(f"the example {str(example)[:80]!r} has no 'id'; give each record a stable id")
         return f"example/{position}"
     return str(value)
+
+
+class RecordError(ValueError):
+    """An example record that cannot be used (named by its set, position and id in the message)."""
+
+
+def check_records(examples: Sequence[Any], role: str) -> list:
+    """The records of one set, checked before any work: each has a non-empty text ``question`` and
+    ``answer`` (never None: it would be trained on as the text "None"), and ids do not repeat."""
+    examples = list(examples)
+    seen: dict[str, int] = {}
+    for i, example in enumerate(examples):
+        ident = example_id(example, i)
+        for name in ("question", "answer"):
+            value = example_field(example, name, None)
+            if not isinstance(value, str) or not value.strip():
+                raise RecordError(f"{role} example {i} (id {ident!r}): its {name} is {value!r}; give a non-empty "
+                                  "string")
+        if ident in seen:
+            raise RecordError(f"{role} examples {seen[ident]} and {i} share the id {ident!r}; ids must be unique "
+                              "within a set (each is one coordinate of the results)")
+        seen[ident] = i
+    return examples
 
 
 # ---------------------------------------------------------------------------------------- files
@@ -234,6 +258,20 @@ class World(Mapping):
         return f"World({self.name!r}, {sizes}, refusals={len(self.refusals)})"
 
 
+def _read_meta(path: Path) -> dict:
+    """A world's ``world.json`` (name, questions per author), or {} when there is none."""
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise WorldFormatError(f"{path}: not valid JSON ({err}); fix or remove the file") from None
+    per_author = meta.get("questions_per_author", 20) if isinstance(meta, dict) else None
+    if not isinstance(per_author, int) or isinstance(per_author, bool) or per_author < 1:
+        raise WorldFormatError(f"{path}: expected an object with a whole questions_per_author >= 1, got {meta!r}"[:300])
+    return meta
+
+
 def load_world(path: str | os.PathLike | None = None, *, questions_per_author: int | None = None) -> World:
     """Load a world of TOFU-format files.
 
@@ -249,8 +287,10 @@ def load_world(path: str | os.PathLike | None = None, *, questions_per_author: i
     root = Path(path) if path is not None else data_dir() / "world"
     if not root.is_dir():
         raise WorldFormatError(f"{root}: no such folder; give the folder that holds TOFU's JSON files")
-    meta_path = root / "world.json"
-    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
+    meta = _read_meta(root / "world.json")
+    if questions_per_author is not None and (isinstance(questions_per_author, bool) or
+                                             not isinstance(questions_per_author, int) or questions_per_author < 1):
+        raise ValueError(f"questions_per_author={questions_per_author!r} is not valid; use a whole number >= 1")
     per_author = questions_per_author or int(meta.get("questions_per_author", 20))
     name = meta.get("name", "tofu" if path is not None else "bundled")
 

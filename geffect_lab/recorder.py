@@ -33,7 +33,8 @@ from typing import Any
 import xarray as xr
 
 from ._batching import swapped_parameters, trainable_parameters, update_direction
-from .engine.api import Measurement, check_verify
+from .data import check_records
+from .engine.api import Measurement, check_chunk_size, check_verify
 from .results import StepTable
 
 __all__ = ["GEffectRecorder"]
@@ -71,8 +72,15 @@ class GEffectRecorder:
                  targets, retain: Sequence | None = None, refusals: Sequence[str] | None = None,
                  reference="initial", per_token: bool = True, pg: bool = False, every: int = 1,
                  chunk_size: int | None = 16, template=None, verify: str = "first"):
-        if every < 1:
-            raise ValueError(f"every={every}: record at least every step (every >= 1)")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every={every!r} is not valid; use a whole number >= 1 (record every k-th step)")
+        check_chunk_size(chunk_size)
+        # the records are checked now, not at the first record() inside someone's training loop
+        check_records(forget, "forget")
+        if retain:
+            check_records(retain, "retain")
+        for name, items in (targets.items() if isinstance(targets, Mapping) else [("targeted", targets)]):
+            check_records(items, f"target set {name!r}")
         self.tokenizer = tokenizer
         self._spec = dict(objective=objective, params=params, forget=list(forget), targets=targets,
                           retain=retain, refusals=refusals, template=template, verify=check_verify(verify))

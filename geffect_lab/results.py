@@ -174,13 +174,23 @@ def save(ds: xr.Dataset, path, *, atomic: bool = True) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     ds = ds.copy()
     ds.attrs = flat_attrs(ds.attrs)
-    for name in ds.variables:
+    for name in list(ds.variables):
         ds[name].attrs = flat_attrs(ds[name].attrs)
+        values = ds[name].values
+        if values.dtype == object and any(isinstance(v, str) and "\x00" in v for v in values.ravel()):
+            # HDF5 strings cannot hold NUL: a "\x00" (a model may generate one) is stored as U+FFFD
+            cleaned = (ds[name].dims, np.vectorize(_storable, otypes=[object])(values), ds[name].attrs)
+            ds = ds.assign_coords({name: cleaned}) if name in ds.coords else ds.assign({name: cleaned})
     if not atomic:
         ds.to_netcdf(path, engine="h5netcdf")
         return path
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a save that was killed
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # what a plain write would give (mkstemp makes it private)
     try:
         ds.to_netcdf(tmp, engine="h5netcdf")
         os.replace(tmp, path)
@@ -190,14 +200,25 @@ def save(ds: xr.Dataset, path, *, atomic: bool = True) -> Path:
     return path
 
 
+def _storable(value):
+    return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
+
+
 def load(path) -> xr.Dataset:
-    """Read a results file written by :func:`save` (fully into memory; the file is closed). A file of
-    another schema version is refused with both versions named."""
+    """Read a results file written by :func:`save` (fully into memory; the file is closed) and validate it
+    against the schema. Every error names the path: no such file, not a netCDF/HDF5 file (or truncated), not a
+    geffect-lab file, another schema version, or content that does not fit the schema."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such results file")
-    with xr.open_dataset(path, engine="h5netcdf") as opened:
-        ds = opened.load()
+    if path.is_dir():
+        raise SchemaError(f"{path} is a folder, not a results file (a sweep folder loads with gl.load_sweep)")
+    try:
+        with xr.open_dataset(path, engine="h5netcdf") as opened:
+            ds = opened.load()
+    except (OSError, ValueError) as err:
+        raise SchemaError(f"{path} cannot be read as a netCDF results file (damaged, truncated, or another "
+                          f"format): {type(err).__name__}: {err}") from None
     version = ds.attrs.get("schema_version")
     if version is None:
         raise SchemaError(f"{path} is not a geffect-lab results file (it has no schema_version attribute)")

@@ -36,7 +36,8 @@ from .objectives import ObjectiveError, resolve_objective
 from .results import StepTable, save
 from .schema import INSTANCE_METRICS
 
-__all__ = ["unlearn", "RunConfig", "RECORD_ALL", "PAPER_PROTOCOL", "DEFAULTS", "select_eval", "RunStopped"]
+__all__ = ["unlearn", "RunConfig", "RECORD_ALL", "PAPER_PROTOCOL", "DEFAULTS", "select_eval", "RunStopped",
+           "RunError"]
 
 RECORD_ALL = ("g_effect", "g_effect_token", "pg_effect", "update_effect")
 
@@ -57,6 +58,16 @@ DEFAULTS = {"forget": "forget05", "optimizer": "adamw", "lr": 3e-4, "batch_size"
 
 class RunStopped(RuntimeError):
     """Raised inside the loop to stop a run early (by the callback or a non-finite loss)."""
+
+
+class RunError(RuntimeError):
+    """A run that failed part-way (an exception in a callback, an objective, a metric …). Nothing recorded is
+    lost: ``partial`` is the Dataset of every step recorded before the failure (``attrs["complete"] = 0``), also
+    written to ``out`` when the run was given one; the original exception is the ``__cause__``."""
+
+    def __init__(self, message: str, partial: xr.Dataset | None):
+        super().__init__(message)
+        self.partial = partial
 
 
 def select_eval(forget: Sequence, retain: Sequence, n: int = 32) -> dict[str, list]:
@@ -95,18 +106,26 @@ class _Stream:
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
-def _check_writable(out) -> Path:
+def check_output_path(out) -> Path:
+    """The results path, checked without leaving anything behind: a file name (not a folder) whose nearest
+    existing parent folder takes a file (a probe written and removed). Missing folders are made when the first
+    result is saved."""
+    import tempfile
+
     path = Path(out)
+    if path.is_dir():
+        raise OSError(f"cannot write results to {path}: it is a folder; give a file name such as run.nc")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.parent / f".{path.name}.probe"
-        probe.write_bytes(b"")
-        probe.unlink()
+        if not parent.is_dir():
+            raise NotADirectoryError(f"{parent} is not a folder")
+        with tempfile.TemporaryFile(dir=parent):
+            pass
     except OSError as err:
         raise OSError(f"cannot write results to {path}: {err.strerror or err}. Choose another path "
                       "(nothing was trained).") from None
-    if path.exists() and path.is_dir():
-        raise OSError(f"cannot write results to {path}: it is a folder; give a file name such as run.nc")
     return path
 
 
@@ -510,7 +529,8 @@ def _losses_only(gradient, risks, token_count):
 
 
 def _execute(run: _Run, *, callback, out_path, save_every, progress) -> xr.Dataset:
-    """Step the run to its end (or its stop), saving and calling back as asked; every recorded step is kept."""
+    """Step the run to its end (or its stop), saving and calling back as asked; every recorded step is kept,
+    whatever happens: a failure raises :class:`RunError` carrying them."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=run.n_steps, desc=f"unlearn {run.m.objective.name}", disable=not progress, unit="step")
@@ -526,11 +546,9 @@ def _execute(run: _Run, *, callback, out_path, save_every, progress) -> xr.Datas
                             refresh=False)
             if save_every and len(run.table) % save_every == 0:
                 save(run.snapshot(), out_path)
-            if callback is not None:
-                answer = callback(t, run.snapshot())
-                if answer is False or answer == "stop":
-                    stop_reason = f"stopped by the callback after step {t}"
-                    break
+            if callback is not None and _stops(callback(t, read_only(run.snapshot()))):
+                stop_reason = f"stopped by the callback after step {t}"
+                break
     except KeyboardInterrupt:
         stop_reason = f"interrupted at step {t}"
     except RunStopped as err:
@@ -539,11 +557,38 @@ def _execute(run: _Run, *, callback, out_path, save_every, progress) -> xr.Datas
         stop_reason = str(err)
         warnings.warn(f"unlearning run stopped: {err}; the {len(run.table)} recorded step(s) are returned",
                       RuntimeWarning, stacklevel=3)
+    except Exception as err:  # noqa: BLE001 - any failure: keep what was recorded, then re-raise
+        raise _failed(run, t, err, out_path) from err
     finally:
         bar.close()
     ds = run.finish(stop_reason)
     if out_path is not None:
         save(ds, out_path)
+    return ds
+
+
+def _stops(answer) -> bool:
+    return answer is False or answer == "stop"
+
+
+def _failed(run: _Run, t: int, err: Exception, out_path) -> RunError:
+    """The error for a run that failed at step t, with every step recorded before it (saved to ``out_path``)."""
+    run.attrs.update(complete=0, stop_reason=f"failed at step {t}: {type(err).__name__}: {err}")
+    partial = run.snapshot() if len(run.table) else None
+    where = ""
+    if partial is not None and out_path is not None:
+        save(partial, out_path)
+        where = f", and written to {out_path}"
+    kept = f"the {len(run.table)} recorded step(s) are in this error's .partial{where}" if partial is not None \
+        else "no step had been recorded"
+    return RunError(f"unlearning run failed at step {t}: {type(err).__name__}: {err} ({kept})", partial)
+
+
+def read_only(ds: xr.Dataset) -> xr.Dataset:
+    """``ds`` with every array marked read-only: what a callback receives (an edit raises instead of reaching
+    the run)."""
+    for var in ds.variables.values():
+        var.values.flags.writeable = False
     return ds
 
 
@@ -627,7 +672,7 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
         _positive("save_every", save_every, whole=True)
         if out is None:
             raise ValueError("save_every needs out= (the file to write the partial results to)")
-    out_path = _check_writable(out) if out is not None else None
+    out_path = check_output_path(out) if out is not None else None
     data = RunData.build(forget, retain, eval, world, refusals)
     run = _Run(config, model, tokenizer, data, inplace=inplace, reference=reference, template=template,
                retain_model=retain_model, retain_reference=retain_reference)

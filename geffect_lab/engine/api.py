@@ -12,7 +12,7 @@ import xarray as xr
 
 from .._batching import eval_mode, trainable_parameters
 from .._version import __version__
-from ..data import encode, example_field, example_id
+from ..data import check_records, encode, example_field, example_id
 from ..objectives import ObjectiveError, resolve_objective
 from ..results import Axes, effects_dataset
 from .core import Effects, ObjectiveGradient, fast_effects, reference_effects, target_risks, term_gradients
@@ -56,6 +56,7 @@ def prepare_targets(tokenizer, targets, template=None):
         items = list(items)
         if not items:
             raise ObjectiveError(f"the target set {name!r} is empty; give at least one instance to measure")
+        check_records(items, f"target set {name!r}")
         slices[name] = slice(len(examples), len(examples) + len(items))
         examples += items
         splits += [name] * len(items)

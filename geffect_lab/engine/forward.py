@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .._batching import captured_output, log_probs, model_device, trim
-from ..data import PromptTemplate, encode_pairs, example_field, example_id
+from ..data import PromptTemplate, check_records, encode_pairs, example_field, example_id
 from ..objectives import ObjectiveError, ObjectiveInputs, Term
 from .groups import find_blocks
 
@@ -66,6 +66,7 @@ def encode_side(tokenizer, examples: Sequence[Any], *, refusals: Sequence[str] |
                 role: str = "forget") -> Samples:
     if not examples:
         raise ObjectiveError(f"the {role} set is empty; the objective needs {role} samples")
+    examples = check_records(examples, role)
     ids = [example_id(e, i) for i, e in enumerate(examples)]
     questions = [example_field(e, "question") for e in examples]
     batch = encode_pairs(tokenizer, list(zip(questions, [example_field(e, "answer") for e in examples])), template)

@@ -27,7 +27,7 @@ def _wga_weight(x: ObjectiveInputs, alpha: float = 1.0) -> torch.Tensor:
     return x.mean(torch.exp(alpha * x.logp))
 
 
-@objective("wga", weight=_wga_weight)
+@objective("wga", weight=_wga_weight, bounds={"alpha": ">= 0"})
 def wga(x: ObjectiveInputs, alpha: float = 1.0) -> torch.Tensor:
     """Weighted gradient ascent: ℓ = -mean_k sg(p_k)^α · nll_k."""
     weight = torch.exp(alpha * x.logp).detach()
@@ -38,7 +38,7 @@ def _npo_weight(x: ObjectiveInputs, beta: float = 0.1) -> torch.Tensor:
     return 2.0 * torch.sigmoid(beta * (_seq_logp(x) - x.sum(x.ref_logp)))
 
 
-@objective("npo", needs=("ref_logp",), weight=_npo_weight)
+@objective("npo", needs=("ref_logp",), weight=_npo_weight, bounds={"beta": "> 0"})
 def npo(x: ObjectiveInputs, beta: float = 0.1) -> torch.Tensor:
     """Negative preference optimisation: ℓ = -(2/β)·logsigmoid(-β·(Σ_k log p_k − Σ_k log p_o,k)).
 
@@ -51,7 +51,7 @@ def _simnpo_weight(x: ObjectiveInputs, beta: float = 2.5, delta: float = 0.0) ->
     return 2.0 * torch.sigmoid(beta * x.mean(x.logp) + delta)
 
 
-@objective("simnpo", weight=_simnpo_weight)
+@objective("simnpo", weight=_simnpo_weight, bounds={"beta": "> 0", "delta": ">= 0"})
 def simnpo(x: ObjectiveInputs, beta: float = 2.5, delta: float = 0.0) -> torch.Tensor:
     """Simple NPO (reference-free, length-normalised): ℓ = -(2/β)·logsigmoid(-β·mean_k log p_k − δ)."""
     return -(2.0 / beta) * F.logsigmoid(-beta * x.mean(x.logp) - delta)
@@ -72,13 +72,13 @@ def _wtnpo_weight(x: ObjectiveInputs, alpha: float = 1.5, beta: float = 1.0) -> 
     return x.mean(npo_token_weight(x.logp, x.ref_logp, beta, alpha))
 
 
-@objective("tnpo", needs=("ref_logp",), weight=_tnpo_weight)
+@objective("tnpo", needs=("ref_logp",), weight=_tnpo_weight, bounds={"beta": "> 0"})
 def tnpo(x: ObjectiveInputs, beta: float = 1.0) -> torch.Tensor:
     """Token-wise NPO: ℓ = -mean_k w_k·nll_k, w_k = sg(2p_k^β/(p_k^β+p_o,k^β))."""
     return -x.mean(npo_token_weight(x.logp, x.ref_logp, beta) * x.nll)
 
 
-@objective("wtnpo", needs=("ref_logp",), weight=_wtnpo_weight)
+@objective("wtnpo", needs=("ref_logp",), weight=_wtnpo_weight, bounds={"alpha": ">= 0", "beta": "> 0"})
 def wtnpo(x: ObjectiveInputs, alpha: float = 1.5, beta: float = 1.0) -> torch.Tensor:
     """Weighted token-wise NPO: ℓ = -mean_k w_k·nll_k, w_k = sg(2p_k^(β+α)/(p_k^β+p_o,k^β))."""
     return -x.mean(npo_token_weight(x.logp, x.ref_logp, beta, alpha) * x.nll)
@@ -99,7 +99,7 @@ def _dpo_weight(x: ObjectiveInputs, beta: float = 0.1) -> torch.Tensor:
     return 2.0 * torch.sigmoid(-beta * _dpo_margin(x))
 
 
-@objective("dpo", needs=("ref_logp", "alt", "ref_alt_logp"), weight=_dpo_weight)
+@objective("dpo", needs=("ref_logp", "alt", "ref_alt_logp"), weight=_dpo_weight, bounds={"beta": "> 0"})
 def dpo(x: ObjectiveInputs, beta: float = 0.1) -> torch.Tensor:
     """DPO with the refusal preferred over the answer:
     ℓ = -(2/β)·logsigmoid(β·[(log p − log p_o)(refusal) − (log p − log p_o)(answer)]), sequence sums."""
@@ -114,7 +114,7 @@ def rmu_direction(dim: int, seed: int, normalize: bool, dtype: torch.dtype, devi
     return u.to(dtype=dtype, device=device)
 
 
-@objective("rmu", needs=("hidden",))
+@objective("rmu", needs=("hidden",), bounds={"c": "> 0", "seed": ">= 0"})
 def rmu(x: ObjectiveInputs, layer: int | None = None, c: float = 5.0, seed: int = 0,
         normalize: bool = False) -> torch.Tensor:
     """Representation misdirection: ℓ = mean_k mean_d (h_ℓ,k − c·u)², h_ℓ the hidden state after block

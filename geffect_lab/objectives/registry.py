@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ObjectiveInputs", "ObjectiveSpec", "Term", "Objective", "objective", "get_objective",
+__all__ = ["ObjectiveInputs", "ObjectiveSpec", "Bound", "Term", "Objective", "objective", "get_objective",
            "remove_objective", "list_objectives", "resolve_objective", "NEEDS", "ObjectiveError"]
 
 # What an objective may ask the engine for (besides ``logp``/``mask``, always given).
@@ -87,6 +87,53 @@ class ObjectiveInputs:
 
 
 @dataclass(frozen=True)
+class Bound:
+    """The valid range of a numeric objective parameter: ``Bound.parse("> 0")``, ``">= 0"``, ``"<= 1"``,
+    ``"[0, 1]"``, ``"(0, 1]"``. Every float parameter must also be finite."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> Bound:
+        text = text.replace(" ", "")
+        one = re.fullmatch(r"(>=|>|<=|<)([-+0-9.eE]+)", text)
+        if one:
+            op, value = one[1], float(one[2])
+            return cls(low=value, low_open=op == ">") if op[0] == ">" else cls(high=value, high_open=op == "<")
+        two = re.fullmatch(r"([\[(])([-+0-9.eE]+),([-+0-9.eE]+)([\])])", text)
+        if not two:
+            raise ObjectiveError(f"cannot read the bound {text!r}; write '> 0', '>= 0', '<= 1' or '[0, 1]'")
+        return cls(float(two[2]), float(two[3]), two[1] == "(", two[4] == ")")
+
+    def contains(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+def check_weight(name: str, weight: Any) -> float:
+    """A term's weight: a finite number (a number written as text, from the CLI, is read)."""
+    if isinstance(weight, str):
+        try:
+            weight = float(weight)
+        except ValueError:
+            pass
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        raise ObjectiveError(f"the weight of {name!r} is {weight!r}; give a finite number")
+    return float(weight)
+
+
+@dataclass(frozen=True)
 class ObjectiveSpec:
     """A registered objective: its per-sample loss function, role, needs and parameters."""
 
@@ -96,6 +143,7 @@ class ObjectiveSpec:
     needs: frozenset[str] = frozenset()
     description: str = ""
     weight: Callable[..., torch.Tensor] | None = None  # per-sample gradient weight, for diagnostics
+    bounds: Mapping[str, Bound] = field(default_factory=dict)  # valid ranges of numeric parameters
 
     @property
     def parameters(self) -> dict[str, inspect.Parameter]:
@@ -117,11 +165,20 @@ class ObjectiveSpec:
                 valid = ", ".join(f"{k}={v!r}" for k, v in self.defaults.items()) or "none"
                 raise ObjectiveError(f"objective {self.name!r} has no parameter {key!r}; its parameters are: "
                                      f"{valid}")
-            out[key] = _coerce(self.name, key, value, known[key])
+            out[key] = self._in_range(key, _coerce(self.name, key, value, known[key]))
         missing = [k for k, p in known.items() if p.default is p.empty and k not in params]
         if missing:
             raise ObjectiveError(f"objective {self.name!r} needs a value for {', '.join(missing)}")
         return out
+
+    def _in_range(self, key: str, value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ObjectiveError(f"objective {self.name!r}: parameter {key!r} is {value!r}; give a finite number")
+        bound = self.bounds.get(key)
+        if bound is not None and value is not None and not bound.contains(value):
+            raise ObjectiveError(f"objective {self.name!r}: parameter {key}={value!r} is out of range; use "
+                                 f"{key} {bound}")
+        return value
 
     def __call__(self, *args, weight: float = 1.0, **params):
         """``spec(inputs, **params)`` computes the per-sample loss; ``spec(**params)`` makes a :class:`Term`."""
@@ -129,7 +186,7 @@ class ObjectiveSpec:
             return self.fn(*args, **params)
         if args:
             raise TypeError(f"{self.name}(...) takes keyword parameters only; pass them by name")
-        return Term(self, self.check_params(params), float(weight))
+        return Term(self, self.check_params(params), check_weight(self.name, weight))
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.defaults.items())
@@ -199,7 +256,7 @@ class Term:
     def __mul__(self, factor: float) -> Term:
         if not isinstance(factor, (int, float)):
             return NotImplemented
-        return replace(self, weight=self.weight * float(factor))
+        return replace(self, weight=check_weight(self.name, self.weight * float(factor)))
 
     __rmul__ = __mul__
 
@@ -294,7 +351,8 @@ _REGISTRY: dict[str, ObjectiveSpec] = {}
 
 
 def objective(name: str, *, role: str = "forget", needs: Iterable[str] = (),
-              weight: Callable[..., torch.Tensor] | None = None, overwrite: bool = False):
+              weight: Callable[..., torch.Tensor] | None = None, bounds: Mapping[str, str | Bound] | None = None,
+              overwrite: bool = False):
     """Register a per-sample loss function under ``name``.
 
     The function takes an :class:`ObjectiveInputs` first and keyword parameters with defaults after it; it
@@ -303,7 +361,9 @@ def objective(name: str, *, role: str = "forget", needs: Iterable[str] = (),
     objective that needs ``hidden`` must have a ``layer`` parameter. ``weight(x, **params)`` optionally gives
     the per-sample factor by which the objective rescales a plain (ascent or descent) gradient — NPO's
     ``2p^β/(p^β+p_o^β)`` — which runs record as ``sample_weight``. A name already registered is refused
-    unless ``overwrite=True`` (what a notebook cell that is edited and re-run wants).
+    unless ``overwrite=True`` (what a notebook cell that is edited and re-run wants). ``bounds`` declares the
+    valid range of numeric parameters (``{"beta": "> 0"}``, see :class:`Bound`): values outside it are refused
+    wherever the objective is used (API, CLI, dashboard); float parameters must be finite in any case.
     """
     if role not in ROLES:
         raise ObjectiveError(f"role must be one of {ROLES}, got {role!r}")
@@ -319,10 +379,16 @@ def objective(name: str, *, role: str = "forget", needs: Iterable[str] = (),
         raise ObjectiveError(f"objective {name!r} is {what}: pass overwrite=True to replace it, or choose another "
                              "name")
 
+    parsed_bounds = {k: b if isinstance(b, Bound) else Bound.parse(b) for k, b in (bounds or {}).items()}
+
     def register(fn: Callable[..., torch.Tensor]) -> ObjectiveSpec:
         doc = inspect.getdoc(fn) or ""
         spec = ObjectiveSpec(name=name, fn=fn, role=role, needs=needs,
-                             description=" ".join(doc.split("\n\n")[0].split()) if doc else "", weight=weight)
+                             description=" ".join(doc.split("\n\n")[0].split()) if doc else "", weight=weight,
+                             bounds=parsed_bounds)
+        unknown_bounds = set(spec.bounds) - set(spec.parameters)
+        if unknown_bounds:
+            raise ObjectiveError(f"objective {name!r} bounds {sorted(unknown_bounds)}, which are not its parameters")
         if needs & {"hidden", "ref_hidden"} and "layer" not in spec.parameters:
             raise ObjectiveError(f"objective {name!r} needs hidden states, so it must take a 'layer' parameter")
         _REGISTRY[name] = spec
@@ -396,9 +462,15 @@ def resolve_objective(objective: str | Term | Objective | ObjectiveSpec,
                 raise ObjectiveError(f"parameter {key!r} names no term of {objective!r} "
                                      f"(terms: {', '.join(per_term)})")
             if pname == "weight":
-                weights[term] = float(value)
+                weights[term] = value  # checked with the term
             else:
                 per_term[term][pname] = value
+            continue
+        if key == "weight":  # a term's weight, not a parameter of its function
+            if len(parsed) > 1:
+                raise ObjectiveError(f"'weight' is ambiguous in {objective!r}; write "
+                                     f"{' or '.join(f'{s.name}.weight' for _, s in parsed)}")
+            weights[parsed[0][1].name] = value
             continue
         owners = [s.name for _, s in parsed if key in s.parameters]
         if not owners and len(parsed) == 1:

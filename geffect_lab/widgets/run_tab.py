@@ -14,18 +14,26 @@ from .background import BackgroundJob, Post
 from .common import STYLE, Log, RunStore
 
 
-def param_widget(name: str, param) -> W.Widget:
-    """A widget for one objective parameter, from its default and annotation."""
+def param_widget(name: str, param, bound=None) -> W.Widget:
+    """A widget for one objective parameter, from its default and annotation; a numeric parameter with a
+    declared :class:`~geffect_lab.objectives.Bound` gets it as the widget's limits (an open end, such as
+    ``beta > 0``, is then refused by the objective with its message)."""
     default = None if param.default is param.empty else param.default
     ann = str(param.annotation)
     if isinstance(default, bool) or "bool" in ann:
         return W.Checkbox(value=bool(default), description=name, style=STYLE, indent=False)
+    limits = {}
+    if bound is not None:
+        limits = {"min": -1e12 if bound.low is None else bound.low, "max": 1e12 if bound.high is None else bound.high,
+                  "tooltip": f"{name} {bound}"}
     if isinstance(default, int) or ("int" in ann and "float" not in ann):
-        return W.IntText(value=0 if default is None else int(default), description=name, style=STYLE,
-                         layout=W.Layout(width="180px"))
+        kind = W.BoundedIntText if limits else W.IntText
+        return kind(value=0 if default is None else int(default), description=name, style=STYLE,
+                    layout=W.Layout(width="180px"), **limits)
     if isinstance(default, float) or "float" in ann:
-        return W.FloatText(value=0.0 if default is None else float(default), description=name, style=STYLE,
-                           layout=W.Layout(width="180px"))
+        kind = W.BoundedFloatText if limits else W.FloatText
+        return kind(value=0.0 if default is None else float(default), description=name, style=STYLE,
+                    layout=W.Layout(width="180px"), **limits)
     return W.Text(value="" if default is None else str(default), description=name, style=STYLE,
                   layout=W.Layout(width="220px"))
 
@@ -121,7 +129,7 @@ class RunTab(W.VBox):
 
     def _make_param_widgets(self) -> None:
         spec = get_objective(self.objective.value)
-        self.param_widgets = {n: param_widget(n, p) for n, p in spec.parameters.items()}
+        self.param_widgets = {n: param_widget(n, p, spec.bounds.get(n)) for n, p in spec.parameters.items()}
         self.params_box.children = list(self.param_widgets.values())
 
     def run_config(self) -> dict:
