@@ -10,12 +10,14 @@ from .memory import auto_chunk_size, estimate_memory
 from .metrics import evaluate, read_open_unlearning
 from .objectives import get_objective, list_objectives, objective
 from .recorder import GEffectRecorder
+from .replay import replay
 from .results import combine, load, save
 from .runs import RunConfig, unlearn
 
 __all__ = ["__version__", "zoo", "objectives", "runs", "metrics", "schema", "testing", "evaluate",
            "read_open_unlearning", "load_world", "encode", "Example", "World", "g_effect", "Measurement",
-           "layer_groups", "get_objective", "list_objectives", "objective", "GEffectRecorder", "unlearn", "RunConfig",
+           "layer_groups", "get_objective", "list_objectives", "objective", "GEffectRecorder", "replay", "unlearn",
+           "RunConfig",
            "save", "load", "combine", "estimate_memory", "auto_chunk_size"]
 
 

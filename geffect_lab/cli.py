@@ -1,6 +1,7 @@
 """The ``geffect-lab`` command line.
 
     geffect-lab run --objective npo --param beta=0.1 --forget forget05 --steps 30 -o results/npo.nc
+    geffect-lab replay RUN_DIR --objective npo   G-effects at every checkpoint-* of a saved run
     geffect-lab info results/npo.nc              schema, configuration and a summary table
     geffect-lab compare results/ga.nc results/npo.nc
     geffect-lab objectives                       the registered objectives and their parameters
@@ -91,6 +92,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(summarize({ds.attrs["objective"]: ds}).to_string(float_format=lambda x: f"{x:.4g}"))
     print(f"\nwritten to {args.output}" if args.output else "")
+    return 0
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from .data import load_world
+    from .objectives import resolve_objective
+    from .replay import replay
+    from .results import save, summarize
+    from .runs import RunData, check_output_path
+
+    params = _parse_params(args.param)
+    resolve_objective(args.objective, params)  # a bad objective or parameter fails before anything is loaded
+    if args.output is not None:
+        check_output_path(args.output)
+    data = RunData.build(args.forget, None, None, load_world(args.world) if args.world else None, None)
+    ds = replay(args.run_dir, args.tokenizer, args.objective, params, forget=data.forget,
+                retain=data.train_retain or None, targets=data.eval_sets, refusals=data.refusals,
+                base_model=args.base_model, pg=not args.no_pg, per_token=not args.no_per_token)
+    if args.output is not None:
+        save(ds, args.output)
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print(summarize({ds.attrs["objective"]: ds}).to_string(float_format=lambda x: f"{x:.4g}"))
+    print(f"\n{ds.sizes['step']} checkpoints replayed" + (f"; written to {args.output}" if args.output else ""))
     return 0
 
 
@@ -234,6 +260,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated subset of {','.join(RECORD_ALL)} (default: all); '' records risks only")
     p.add_argument("-o", "--output", default=None, help="netCDF file to write (e.g. results/npo.nc)")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("replay", help="G-effects of a saved run, checkpoint by checkpoint",
+                       description="Measure the G-effects of an objective at every checkpoint-* of a run folder "
+                                   "(an HF Trainer's output_dir; full weights or PEFT adapters), and the interval "
+                                   "update effect between consecutive checkpoints.")
+    p.add_argument("run_dir", help="the run folder holding checkpoint-* folders")
+    p.add_argument("--objective", "-O", default="ga", metavar="NAME", help="the objective to measure (default ga)")
+    p.add_argument("--param", "-p", action="append", metavar="NAME=VALUE", help="an objective parameter")
+    p.add_argument("--forget", default=DEFAULTS["forget"], choices=["forget01", "forget05", "forget10"],
+                   help="forget split: the objective's samples and the targeted instances (default %(default)s)")
+    p.add_argument("--world", default=None, help="folder of TOFU files (default: the bundled world)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: saved with the checkpoints)")
+    p.add_argument("--base-model", default=None, help="base model folder, for PEFT adapter checkpoints")
+    p.add_argument("--no-pg", action="store_true", help="skip the PG-effect")
+    p.add_argument("--no-per-token", action="store_true", help="skip the per-token G-effects")
+    p.add_argument("-o", "--output", default=None, help="netCDF file to write (e.g. replay.nc)")
+    p.set_defaults(func=_cmd_replay)
 
     p = sub.add_parser("info", help="schema, configuration and a summary of a results file",
                        description="Print a results file's schema version, dims, configuration and a summary "

@@ -69,6 +69,13 @@ VARIABLES: dict[str, Variable] = {
     "update_effect": Variable(("step", "instance", "layer"), "update effect",
                               "<grad_{theta_l} R_i, -delta theta_t / lr>: the inner product with the optimiser's "
                               "actual step; equals the G-effect under plain SGD."),
+    "interval_effect": Variable(("step", "instance", "layer"), "interval update effect",
+                                "<grad_{theta_l} R_i(theta_a), theta_a - theta_b>: at checkpoint a, the inner product "
+                                "with the change of the parameters up to the next checkpoint b; by first order the "
+                                "risk change over the interval is minus its sum over layers (replay)."),
+    "interval_risk_change": Variable(("step", "instance"), "interval risk change",
+                                     "R_i(theta_b) - R_i(theta_a): the measured risk change from this checkpoint to "
+                                     "the next (replay).", "nat"),
     "risk": Variable(("step", "instance"), "risk", "R_i: mean negative log-likelihood of instance i's answer "
                                                    "tokens.", "nat"),
     "objective_loss": Variable(("step",), "objective loss", "L_u: the unlearning objective's value (sum of its "

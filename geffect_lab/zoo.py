@@ -114,7 +114,7 @@ def load(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, d
     else:
         raise KeyError(f"unknown zoo model {name!r}; the zoo has {', '.join(ZOO)} "
                        "(or give a checkpoint folder or a hub name like 'org/model')")
-    with _quiet_hf():
+    with quiet_hf():
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation, **kwargs)
     tok = AutoTokenizer.from_pretrained(tokenizer if tokenizer is not None else path)
     if tok.pad_token_id is None and tok.eos_token_id is not None:
@@ -194,7 +194,7 @@ def train(model, tokenizer, examples, recipe: Recipe, progress: bool = True, des
 
 
 @contextmanager
-def _quiet_hf():
+def quiet_hf():
     """Hide transformers' per-file progress bars (loading and saving tiny checkpoints)."""
     from transformers.utils import logging as hf_logging
 
@@ -242,7 +242,7 @@ def build(names=None, *, out_dir: str | os.PathLike | None = None, recipe_overri
         quality = {split: float(exact_match(model, tok, world[split]).mean())
                    for split in world if split != "full"}
         path.mkdir(parents=True, exist_ok=True)
-        with _quiet_hf():
+        with quiet_hf():
             model.save_pretrained(path)
             tok.save_pretrained(path)
         report = {"name": name, "description": entry.description, "train_splits": builtins.list(entry.train_splits),

@@ -22,18 +22,7 @@ def setting(target, world):
     return model, tok, forget, targets
 
 
-def _ga_loss(model, batch) -> torch.Tensor:
-    """Gradient ascent written by hand, as a user's loop would: minus the mean over samples of each answer's mean
-    token NLL (the built-in ``ga`` objective's definition)."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logp = out.logits[:, :-1].log_softmax(-1)
-    labels = batch["labels"][:, 1:]
-    mask = labels != -100
-    nll = -logp.gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1)
-    return -((nll * mask).sum(1) / mask.sum(1)).mean()
-
-
-def test_a_hand_written_loop_records_what_g_effect_measures_at_each_step(setting):
+def test_a_hand_written_loop_records_what_g_effect_measures_at_each_step(setting, hand_written_ga):
     model, tok, forget, targets = setting
     work, initial = copy.deepcopy(model), copy.deepcopy(model)
     rec = gl.GEffectRecorder(tok, "npo", forget=forget, targets=targets, pg=True)
@@ -45,7 +34,7 @@ def test_a_hand_written_loop_records_what_g_effect_measures_at_each_step(setting
         expected.append(gl.g_effect(copy.deepcopy(work), tok, "npo", forget=forget, targets=targets,
                                     reference=initial, pg=True))
         opt.zero_grad()
-        _ga_loss(work, batch).backward()
+        hand_written_ga(work, batch).backward()
         opt.step()
     ds = rec.dataset()
     assert list(ds.step.values) == [0, 1, 2] and len(rec) == 3
@@ -64,7 +53,7 @@ def test_a_hand_written_loop_records_what_g_effect_measures_at_each_step(setting
         assert ds[name].attrs.get("long_name"), name
 
 
-def test_update_records_the_optimisers_actual_step(setting):
+def test_update_records_the_optimisers_actual_step(setting, hand_written_ga):
     """Plain SGD on the objective the recorder measures: the step is -lr·∇L_u, so update_effect = g_effect."""
     model, tok, forget, targets = setting
     work = copy.deepcopy(model).double()
@@ -74,7 +63,7 @@ def test_update_records_the_optimisers_actual_step(setting):
     for step in range(2):
         with rec.update(work, step, lr=LR):
             opt.zero_grad()
-            _ga_loss(work, batch).backward()
+            hand_written_ga(work, batch).backward()
             opt.step()
     ds = rec.dataset()
     assert relative_error(ds.update_effect.values, ds.g_effect.sel(term="forget").values) < 1e-8
@@ -93,30 +82,12 @@ def test_steps_must_increase_and_an_empty_recorder_says_so(setting):
         rec.record(model, 2)
 
 
-def test_hf_trainer_callback_records_each_global_step(setting, tmp_path):
-    from transformers import Trainer, TrainingArguments
-
+def test_hf_trainer_callback_records_each_global_step(setting, tmp_path, ga_trainer):
     model, tok, forget, targets = setting
     work, initial = copy.deepcopy(model).double(), copy.deepcopy(model).double()
-    batch = gl.encode(tok, forget)
-
-    class Rows(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(forget)
-
-        def __getitem__(self, i):
-            return {k: v[i] for k, v in batch.items()}
-
-    class GATrainer(Trainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            return _ga_loss(model, inputs)
-
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=len(forget), max_steps=3,
-                             learning_rate=LR, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0,
-                             max_grad_norm=0.0, save_strategy="no", logging_strategy="no", report_to=[],
-                             use_cpu=True, remove_unused_columns=False, seed=0, disable_tqdm=True)
     rec = gl.GEffectRecorder(tok, "ga", forget=forget, targets=targets, per_token=False)
-    GATrainer(model=work, args=args, train_dataset=Rows(), callbacks=[rec.trainer_callback(update_effect=True)]).train()
+    ga_trainer(work, tok, forget, [rec.trainer_callback(update_effect=True)], output_dir=str(tmp_path),
+               max_steps=3, learning_rate=LR).train()
     ds = rec.dataset()
     assert list(ds.step.values) == [0, 1, 2]
     assert np.allclose(ds.learning_rate, LR)

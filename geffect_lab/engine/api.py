@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -17,7 +18,7 @@ from ..objectives import ObjectiveError, resolve_objective
 from ..results import Axes, effects_dataset
 from .core import Effects, ObjectiveGradient, fast_effects, reference_effects, target_risks, term_gradients
 from .forward import Samples, check_fits, encode_side, reference_quantities, resolve_layers
-from .groups import layer_groups
+from .groups import LayerGroups, layer_groups
 from .offload import is_offloaded, resident
 
 __all__ = ["g_effect", "Measurement", "prepare_targets", "model_description", "make_axes", "check_chunk_size",
@@ -156,6 +157,7 @@ class Measurement:
         obj = resolve_objective(objective, params)
         self.objective = type(obj)(resolve_layers(model, obj.terms))
         self.groups = layer_groups(model)
+        self._groups_model = weakref.ref(model)
         self.tokenizer, self.template = tokenizer, template
         roles = {t.spec.role for t in self.objective.terms}
         self.needs_refusals = "alt" in self.objective.forget_term.spec.needs
@@ -201,6 +203,11 @@ class Measurement:
         if precompute:
             self._reference_quantities(self.sides)
 
+    def release_reference(self) -> None:
+        """Drop the reference model once its quantities are cached on the measurement's samples (a replay then
+        holds one model at a time); a later need for it (new samples) raises."""
+        self.reference = ReleasedReference(self.reference_label)
+
     def _reference_quantities(self, sides: dict[str, Samples]) -> None:
         with torch.no_grad(), eval_mode(self.reference), resident(self.reference):
             for term in self.objective.terms:
@@ -234,8 +241,7 @@ class Measurement:
         sides = sides or self.sides
         offloaded = is_offloaded(model)
         with resident(model):  # offloaded weights held on the model, as one set of parameters, for the pass
-            # (the parameter objects are new then, so their groups are taken again)
-            groups = layer_groups(model) if offloaded else self.groups
+            groups = self._groups_for(model, again=offloaded)
             if engine == "reference":
                 return reference_effects(model, groups, self.objective, sides, self.reference, self.batch,
                                          self.ids, self.slices, chunk_size=chunk_size, per_token=per_token, pg=pg)
@@ -245,6 +251,19 @@ class Measurement:
                                verify=verify, gradient=gradient)
         self._verified = True
         return out
+
+    def _groups_for(self, model, again: bool = False) -> LayerGroups:
+        """The layer groups of ``model``'s parameters: those taken at set-up, or taken again for another model
+        object (a replay's next checkpoint) or new parameter objects (offload); the layer names must agree."""
+        params = trainable_parameters(model)
+        # the same model object (a weak reference: ids of a freed model's parameters can be reused by a new one)
+        if not again and self._groups_model() is model and all(id(p) in self.groups.of_param for p in params):
+            return self.groups
+        groups = layer_groups(model)
+        if groups.names != self.groups.names:
+            raise ValueError(f"the model's layer groups ({', '.join(groups.names)}) are not those this measurement "
+                             f"was set up with ({', '.join(self.groups.names)})")
+        return groups
 
     def risks(self, model, chunk_size: int | None = 16):
         """The targets' risks only (no G-effect), without gradients."""
@@ -277,6 +296,17 @@ class Measurement:
         sides = kwargs.get("sides")
         samples = sides["forget"].ids if sides is not None else None
         return self.dataset(model, self.effects(model, engine=engine, **kwargs), step, data, engine, samples)
+
+
+class ReleasedReference:
+    """Stands for a reference model whose quantities were cached and which was then let go."""
+
+    def __init__(self, label: str):
+        self.label = label
+
+    def __getattr__(self, name):
+        raise RuntimeError(f"the reference model ({self.label}) was released after its quantities were cached; "
+                           "quantities on new samples need it: set_reference(model) again")
 
 
 def on_sample_axis(effects: Effects, samples: Sequence[str], sample_ids: Sequence[str]) -> Effects:

@@ -1,0 +1,273 @@
+"""``gl.replay``: the G-effects of a run someone else trained, measured afterwards on its saved checkpoints.
+
+A run folder (an HF ``Trainer``'s ``output_dir``, an open-unlearning output folder) holds ``checkpoint-N/``
+folders, each the model (full weights, or a PEFT adapter on a base model) after N optimiser steps. Replay
+measures every checkpoint with one :class:`~geffect_lab.engine.api.Measurement` — the same path as
+``gl.unlearn`` and the recorder, so the Dataset has the run schema — and, between consecutive checkpoints
+``a < b``, the **interval update effect** ``⟨∇R_i(θ_a), θ_a − θ_b⟩`` per instance × layer and the measured
+risk change ``R_i(θ_b) − R_i(θ_a)``: by first order the risk change is ``−Σ_l interval_effect``.
+
+Memory: one model at a time, plus one copy of its trainable parameters (the later checkpoint's, to form the
+direction ``θ_a − θ_b``) and the reference quantities. The checkpoints are therefore measured from the last
+to the first (the reference, by default the first checkpoint, is read first).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+
+from .engine.api import Measurement, check_chunk_size
+from .results import StepTable
+
+__all__ = ["replay", "find_checkpoints", "Checkpoint", "ReplayError"]
+
+
+class ReplayError(ValueError):
+    """A run folder or checkpoint that cannot be replayed (the folder or file is named in the message)."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    step: int
+    path: Path
+    learning_rate: float = float("nan")
+
+    @property
+    def is_adapter(self) -> bool:
+        return (self.path / "adapter_config.json").exists()
+
+
+_NAME = re.compile(r"checkpoint-(\d+)$")
+
+
+def _step_of(path: Path) -> int:
+    """The global step of a checkpoint: ``trainer_state.json``'s, which must agree with the folder's name."""
+    named = _NAME.search(path.name)
+    state_path = path / "trainer_state.json"
+    if state_path.exists():
+        try:
+            step = int(json.loads(state_path.read_text())["global_step"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise ReplayError(f"{state_path}: cannot read its global_step ({type(err).__name__}: {err})") from None
+        if named and int(named[1]) != step:
+            raise ReplayError(f"{state_path} says global_step {step}, but the folder is named {path.name}: "
+                              "which is right? Rename the folder or fix the file")
+        return step
+    if named:
+        return int(named[1])
+    raise ReplayError(f"{path}: no trainer_state.json and no checkpoint-N name, so its step is unknown")
+
+
+def _learning_rates(paths: Sequence[Path]) -> dict[int, float]:
+    """Step -> learning rate from the Trainer's ``log_history`` (the last checkpoint's holds the whole run's)."""
+    out: dict[int, float] = {}
+    for path in paths:
+        state_path = path / "trainer_state.json"
+        if state_path.exists():
+            for entry in json.loads(state_path.read_text()).get("log_history", []):
+                if "learning_rate" in entry and "step" in entry:
+                    out[int(entry["step"])] = float(entry["learning_rate"])
+    return out
+
+
+def find_checkpoints(source) -> list[Checkpoint]:
+    """The checkpoints of ``source`` in step order: a run folder (its ``checkpoint-*`` folders), one checkpoint
+    folder, or a list of checkpoint folders."""
+    if isinstance(source, (str, os.PathLike)):
+        root = Path(source)
+        if not root.is_dir():
+            raise ReplayError(f"{root}: no such folder; give a run folder holding checkpoint-* folders")
+        paths = sorted((p for p in root.iterdir() if p.is_dir() and _NAME.search(p.name)), key=_step_of)
+        if not paths and ((root / "config.json").exists() or (root / "adapter_config.json").exists()):
+            paths = [root]
+        if not paths:
+            raise ReplayError(f"{root}: no checkpoint-* folders (and not a checkpoint itself); save the run with "
+                              "save_strategy='steps'")
+    else:
+        paths = [Path(p) for p in source]
+        if not paths:
+            raise ReplayError("no checkpoints given")
+        missing = [p for p in paths if not p.is_dir()]
+        if missing:
+            raise ReplayError(f"{missing[0]}: no such checkpoint folder")
+    steps = [_step_of(p) for p in paths]
+    if len(set(steps)) != len(steps):
+        dup = sorted({s for s in steps if steps.count(s) > 1})
+        same = [str(p) for p, s in zip(paths, steps) if s == dup[0]]
+        raise ReplayError(f"two checkpoints have the same step {dup[0]}: {', '.join(same)}")
+    lrs = _learning_rates(paths)
+    return sorted((Checkpoint(s, p, lrs.get(s, float("nan"))) for s, p in zip(steps, paths)), key=lambda c: c.step)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+class _Loader:
+    """Loads one checkpoint at a time: full weights with transformers, an adapter with peft on a fresh base."""
+
+    def __init__(self, base_model, dtype, device):
+        self.base_model, self.dtype, self.device = base_model, dtype, device
+        self.architecture: dict[str, Any] | None = None
+
+    def load(self, ckpt: Checkpoint):
+        from transformers import AutoModelForCausalLM
+
+        from .zoo import quiet_hf
+
+        with quiet_hf():
+            if ckpt.is_adapter:
+                from peft import PeftModel
+
+                model = PeftModel.from_pretrained(self._base(ckpt), str(ckpt.path), is_trainable=True)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype="auto", attn_implementation="eager")
+        if self.dtype is not None:
+            model = model.to(self.dtype)
+        if self.device is not None:
+            model = model.to(self.device)
+        self._same_architecture(model, ckpt)
+        return model.eval()
+
+    def _base(self, ckpt: Checkpoint):
+        import copy
+
+        from transformers import AutoModelForCausalLM
+
+        if self.base_model is not None and not isinstance(self.base_model, (str, os.PathLike)):
+            return copy.deepcopy(self.base_model)  # peft wraps the base in place: each adapter gets its own copy
+        source = self.base_model
+        if source is None:
+            source = json.loads((ckpt.path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            if not source or not Path(source).exists():
+                raise ReplayError(f"{ckpt.path} is a PEFT adapter whose base model {source!r} is not a folder here: "
+                                  "pass base_model= (the base model, or its folder)")
+        return AutoModelForCausalLM.from_pretrained(source, dtype="auto", attn_implementation="eager")
+
+    def _same_architecture(self, model, ckpt: Checkpoint) -> None:
+        cfg = model.config
+        arch = {k: getattr(cfg, k, None) for k in ("model_type", "num_hidden_layers", "hidden_size", "vocab_size")}
+        arch["trainable"] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+        if self.architecture is None:
+            self.architecture = arch
+        elif arch != self.architecture:
+            what = next(k for k in arch if arch[k] != self.architecture[k])
+            raise ReplayError(f"{ckpt.path} is not the architecture of the run's other checkpoints (its {what} "
+                              "differs): replay one run at a time")
+
+
+def _named_trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ---------------------------------------------------------------------------------------------- replay
+def replay(source, tokenizer=None, objective="ga", params: Mapping[str, Any] | None = None, *, forget: Sequence,
+           targets, retain: Sequence | None = None, reference="first", base_model=None,
+           refusals: Sequence[str] | None = None, template=None, per_token: bool = True, pg: bool = True,
+           chunk_size: int | str | None = 16, dtype: torch.dtype | None = None, device=None,
+           verify: str = "first", progress: bool = True) -> xr.Dataset:
+    """The G-effects of ``objective`` at every saved checkpoint of a run, and the interval update effects.
+
+    Parameters
+    ----------
+    source:
+        A run folder (its ``checkpoint-*`` folders, in step order), one checkpoint folder, or a list of them.
+        A checkpoint holds full weights (``config.json``) or a PEFT adapter (``adapter_config.json``) on
+        ``base_model`` (a model, or a folder; default: the adapter's own ``base_model_name_or_path``).
+    tokenizer:
+        The run's tokenizer (default: read from the first checkpoint, where Trainers save it).
+    objective, params, forget, retain, targets, refusals, template:
+        What is measured, as in :func:`geffect_lab.g_effect`.
+    reference:
+        The frozen reference for NPO-like terms: ``"first"`` (the first checkpoint), a model, or a folder.
+    per_token, pg, chunk_size, verify:
+        As in :func:`geffect_lab.g_effect`. ``dtype``/``device``: applied to each checkpoint after loading.
+
+    Returns the run schema (``step`` = each checkpoint's global step, from ``trainer_state.json`` or the folder
+    name; ``learning_rate`` from the Trainer's ``log_history`` where it logged that step), plus
+    ``interval_effect`` [step, instance, layer] = ``⟨∇_l R_i(θ_a), θ_a − θ_b⟩`` at each checkpoint ``a`` with
+    the next one ``b`` (NaN at the last) and ``interval_risk_change`` [step, instance] = ``R_i(θ_b) − R_i(θ_a)``.
+    Ctrl-C returns the checkpoints measured so far (``attrs["complete"] = 0``).
+    """
+    check_chunk_size(chunk_size)
+    checkpoints = find_checkpoints(source)
+    loader = _Loader(base_model, dtype, device)
+    first = loader.load(checkpoints[0])
+    tok = tokenizer if tokenizer is not None else _tokenizer(checkpoints[0])
+    m = Measurement(first, tok, objective, params, forget=forget, targets=targets, retain=retain,
+                    refusals=refusals, template=template, verify=verify)
+    if isinstance(reference, str) and reference == "first":
+        m.set_reference(first, label=f"first checkpoint ({checkpoints[0].path.name})")
+    else:
+        ref = loader.load(Checkpoint(-1, Path(reference))) if isinstance(reference, (str, os.PathLike)) else reference
+        m.set_reference(ref, label="given")
+        del ref
+    m.release_reference()  # its quantities are cached: the model itself is not kept
+    del first
+    measured = _measure_backwards(m, loader, checkpoints, per_token=per_token, pg=pg, chunk_size=chunk_size,
+                                  progress=progress)
+    return _dataset(m, checkpoints, measured, source)
+
+
+def _tokenizer(ckpt: Checkpoint):
+    from transformers import AutoTokenizer
+
+    for folder in (ckpt.path, ckpt.path.parent):
+        if (folder / "tokenizer_config.json").exists():
+            return AutoTokenizer.from_pretrained(folder)
+    raise ReplayError(f"{ckpt.path}: no tokenizer saved with the checkpoint; pass tokenizer=")
+
+
+def _measure_backwards(m: Measurement, loader: _Loader, checkpoints: list[Checkpoint], *, per_token, pg,
+                       chunk_size, progress) -> dict[int, xr.Dataset]:
+    """Each checkpoint's one-step Dataset, from the last to the first, with the interval effect towards the
+    next checkpoint (whose trainable parameters are the one copy kept). Ctrl-C keeps what was measured."""
+    from tqdm.auto import tqdm
+
+    measured: dict[int, xr.Dataset] = {}
+    later: dict[str, torch.Tensor] | None = None
+    bar = tqdm(total=len(checkpoints), desc="replay", disable=not progress, unit="checkpoint")
+    try:
+        for ckpt in reversed(checkpoints):
+            model = loader.load(ckpt)
+            extra = []
+            if later is not None:
+                named = dict(model.named_parameters())
+                extra = [{id(named[n]): named[n].detach() - v.to(named[n].device) for n, v in later.items()}]
+            data = {} if np.isnan(ckpt.learning_rate) else {"learning_rate": ckpt.learning_rate}
+            ds = m.measure(model, ckpt.step, data=data, per_token=per_token, pg=pg, chunk_size=chunk_size,
+                           extra=extra)
+            measured[ckpt.step] = ds.rename({"update_effect": "interval_effect"}) if extra else ds
+            later = _named_trainable(model)
+            del model
+            bar.update()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        bar.close()
+    return measured
+
+
+def _dataset(m: Measurement, checkpoints: list[Checkpoint], measured: dict[int, xr.Dataset], source) -> xr.Dataset:
+    table = StepTable(m.axes, m.token_count)
+    steps = [c.step for c in checkpoints if c.step in measured]
+    for i, step in enumerate(steps):
+        after = steps[i + 1] if i + 1 < len(steps) else None
+        more = {}
+        if after is not None:
+            more["interval_risk_change"] = measured[after]["risk"].values[0] - measured[step]["risk"].values[0]
+        table.add_dataset(measured[step], **more)
+    if not steps:
+        raise KeyboardInterrupt("replay interrupted before any checkpoint was measured")
+    complete = len(steps) == len(checkpoints)
+    origin = json.dumps([str(p) for p in source]) if isinstance(source, (list, tuple)) else str(source)
+    attrs = {**measured[steps[0]].attrs, "replayed_from": origin, "checkpoints": len(checkpoints),
+             "recorded_by": "replay", "complete": int(complete), "stop_reason": "" if complete else "interrupted"}
+    return table.dataset(attrs)

@@ -1,0 +1,138 @@
+"""gl.replay on runs an HF Trainer saved: the G-effects at each checkpoint equal what GEffectRecorder recorded
+live, and one step's interval update effect is lr times the recorder's update effect (plain SGD)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import geffect_lab as gl
+from geffect_lab.cli import main
+from geffect_lab.replay import ReplayError, find_checkpoints
+from geffect_lab.testing import relative_error
+
+LR = 0.05
+STEPS = 3
+
+
+def _train(make_trainer, model, tok, forget, targets, out):
+    """SGD gradient ascent with an HF Trainer, a checkpoint every step (and the initial model as checkpoint-0),
+    a GEffectRecorder recording live (with the update effect)."""
+    model.save_pretrained(out / "checkpoint-0")
+    tok.save_pretrained(out / "checkpoint-0")
+    rec = gl.GEffectRecorder(tok, "ga", forget=forget, targets=targets, per_token=False)
+    make_trainer(model, tok, forget, [rec.trainer_callback(update_effect=True)], output_dir=str(out),
+                 max_steps=STEPS, learning_rate=LR, save_strategy="steps", save_steps=1, logging_strategy="steps",
+                 logging_steps=1, save_only_model=True).train()
+    return rec.dataset()
+
+
+@pytest.fixture(scope="module")
+def setting(target, world):
+    model, tok = target
+    return tok, world["forget05"][:8], {"targeted": world["forget05"][20:24], "non_targeted": world["retain95"][:4]}
+
+
+@pytest.fixture(scope="module")
+def full_run(setting, target, tmp_path_factory, ga_trainer):
+    tok, forget, targets = setting
+    out = tmp_path_factory.mktemp("full_run")
+    live = _train(ga_trainer, copy.deepcopy(target[0]).double(), tok, forget, targets, out)
+    return out, live
+
+
+def test_replay_equals_what_was_recorded_live(full_run, setting):
+    out, live = full_run
+    tok, forget, targets = setting
+    ds = gl.replay(out, None, "ga", forget=forget, targets=targets, per_token=False, pg=False, progress=False)
+    assert list(ds.step.values) == list(range(STEPS + 1)) and ds.attrs["complete"] == 1
+    gl.schema.validate(ds)
+    steps = list(range(STEPS))
+    assert relative_error(ds.g_effect.sel(step=steps).values, live.g_effect.values) < 1e-9
+    assert relative_error(ds.risk.sel(step=steps).values, live.risk.values) < 1e-9
+    # one step of SGD: the interval update effect is lr times the live update effect
+    assert relative_error(ds.interval_effect.sel(step=steps).values, LR * live.update_effect.values) < 1e-9
+    assert np.isnan(ds.interval_effect.sel(step=STEPS).values).all()
+    np.testing.assert_allclose(ds.interval_risk_change.sel(step=steps).values, np.diff(ds.risk.values, axis=0))
+    # the learning rate the Trainer logged at each step
+    assert np.allclose(ds.learning_rate.sel(step=list(range(1, STEPS + 1))), LR)
+    # by first order, the interval effect predicts the measured risk change
+    predicted = -ds.interval_effect.sel(step=steps).sum("layer").values
+    assert relative_error(ds.interval_risk_change.sel(step=steps).values, predicted) < 0.02
+
+
+def test_lora_adapter_checkpoints_replay_over_the_adapters(setting, target, tmp_path, ga_trainer):
+    from peft import LoraConfig, get_peft_model
+
+    tok, forget, targets = setting
+    base = copy.deepcopy(target[0]).double()
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    live = _train(ga_trainer, peft_model, tok, forget, targets, tmp_path)
+    assert (tmp_path / "checkpoint-2" / "adapter_config.json").exists()
+    ds = gl.replay(tmp_path, tok, "ga", forget=forget, targets=targets, base_model=base, per_token=False,
+                   pg=False, progress=False)
+    assert ds.attrs["trainable_parameters"] < ds.attrs["model_parameters"] / 10
+    steps = list(range(STEPS))
+    assert relative_error(ds.g_effect.sel(step=steps).values, live.g_effect.values) < 1e-9
+    assert relative_error(ds.interval_effect.sel(step=steps).values, LR * live.update_effect.values) < 1e-9
+
+
+def test_an_interrupted_replay_returns_what_it_measured(full_run, setting, monkeypatch):
+    import sys
+
+    replay_module = sys.modules["geffect_lab.replay"]  # gl.replay is the function
+    out, _ = full_run
+    tok, forget, targets = setting
+    calls = {"n": 0}
+    original = replay_module._Loader.load
+
+    def load(self, ckpt):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the first load sets up, then checkpoints 3, 2 … are measured
+            raise KeyboardInterrupt
+        return original(self, ckpt)
+
+    monkeypatch.setattr(replay_module._Loader, "load", load)
+    ds = gl.replay(out, tok, "ga", forget=forget, targets=targets, per_token=False, pg=False, progress=False)
+    assert list(ds.step.values) == [2, 3] and ds.attrs["complete"] == 0
+
+
+def test_bad_run_folders_are_named(full_run, setting, target_gpt2, tmp_path):
+    out, _ = full_run
+    tok, forget, targets = setting
+    args = dict(forget=forget, targets=targets, per_token=False, pg=False, progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReplayError, match=r"empty: no checkpoint-\* folders"):
+        gl.replay(tmp_path / "empty", tok, "ga", **args)
+    moved = tmp_path / "moved"
+    shutil.copytree(out / "checkpoint-2", moved / "checkpoint-7")
+    with pytest.raises(ReplayError, match=r"trainer_state.json says global_step 2, but the folder is named "
+                                          r"checkpoint-7"):
+        find_checkpoints(moved)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(out / "checkpoint-0", mixed / "checkpoint-0")
+    target_gpt2[0].save_pretrained(mixed / "checkpoint-1")
+    with pytest.raises(ReplayError, match=r"checkpoint-1 is not the architecture of the run's other checkpoints"):
+        gl.replay(mixed, tok, "ga", **args)
+    adapter = tmp_path / "adapter" / "checkpoint-1"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/not-here"}))
+    with pytest.raises(ReplayError, match=r"is a PEFT adapter whose base model 'org/not-here' is not a folder here"):
+        gl.replay(adapter.parent, tok, "ga", **args)
+
+
+def test_cli_replay(full_run, tmp_path, capsys):
+    out, _ = full_run
+    result = tmp_path / "replay.nc"
+    assert main(["replay", str(out), "--objective", "npo", "--param", "beta=0.2", "--forget", "forget01",
+                 "--no-per-token", "-o", str(result)]) == 0
+    ds = gl.load(result)
+    assert list(ds.step.values) == list(range(STEPS + 1)) and "pg_effect" in ds and "interval_effect" in ds
+    assert ds.attrs["objective"] == "npo" and "4 checkpoints replayed" in capsys.readouterr().out
+    assert main(["replay", str(tmp_path), "-O", "ga"]) == 2
+    assert "no checkpoint-* folders" in capsys.readouterr().err
