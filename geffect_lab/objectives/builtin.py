@@ -38,35 +38,6 @@ def wga(x: ObjectiveInputs, alpha: float = 1.0, pooled: bool = False) -> torch.T
     return -x.token_mean(weight * x.nll, pooled=pooled)
 
 
-def _satimp_weight(x: ObjectiveInputs, beta1: float = 5.0, beta2: float = 1.0, pooled: bool = False):
-    p = torch.exp(x.logp)
-    return x.mean(p.pow(beta1) * (1.0 - p).pow(beta2))
-
-
-@objective("satimp", weight=_satimp_weight, bounds={"beta1": ">= 0", "beta2": ">= 0"})
-def satimp(x: ObjectiveInputs, beta1: float = 5.0, beta2: float = 1.0, pooled: bool = False) -> torch.Tensor:
-    """Saturation-importance ascent: ℓ = -mean_k sg(p_k^β1 · (1 − p_k)^β2) · nll_k (``pooled``: over the batch).
-
-    β1 favours tokens the model already finds likely (saturation), β2 those not yet certain (importance)."""
-    p = torch.exp(x.logp).detach()
-    return -x.token_mean(p.pow(beta1) * (1.0 - p).pow(beta2) * x.nll, pooled=pooled)
-
-
-@objective("ceu", needs=("full_logp",), bounds={"skip_first": ">= 0"})
-def ceu(x: ObjectiveInputs, skip_first: int = 0, pooled: bool = False) -> torch.Tensor:
-    """Cross-entropy unlearning: at each answer token, the cross-entropy of the model's next-token distribution
-    against sg(its own distribution with the answer token removed), q_v = sg(p_v)/(1 − sg(p_k)) for v ≠ k:
-    ℓ = mean_k −Σ_{v≠k} q_v log p_v over the answer tokens after the first ``skip_first``."""
-    mask = x.mask * (x.mask.cumsum(-1) > skip_first)
-    p_all = x.full_logp.exp().detach()
-    p = torch.exp(x.logp).detach()
-    live = mask > 0
-    rest = torch.where(live, 1.0 - p, torch.ones_like(p))     # Σ_{v≠k} p_v, 1 where no token
-    cross = (p_all * x.full_logp).sum(-1) - p * x.logp        # Σ_{v≠k} sg(p_v) log p_v
-    per_token = torch.where(live, -cross / rest, torch.zeros_like(p))
-    return x.token_mean(per_token, mask, pooled=pooled)
-
-
 def _npo_weight(x: ObjectiveInputs, beta: float = 0.1) -> torch.Tensor:
     return 2.0 * torch.sigmoid(beta * (_seq_logp(x) - x.sum(x.ref_logp)))
 
@@ -154,6 +125,35 @@ def rmu(x: ObjectiveInputs, layer: int | None = None, c: float = 5.0, seed: int 
     ``layer`` (default ⌊2L/3⌋) at the answer tokens, u a fixed seeded vector ~U[0,1)^d."""
     u = rmu_direction(x.hidden.shape[-1], seed, normalize, x.hidden.dtype, x.hidden.device)
     return x.mean((x.hidden - c * u).pow(2).mean(-1), x.hidden_mask)
+
+
+def _satimp_weight(x: ObjectiveInputs, beta1: float = 5.0, beta2: float = 1.0, pooled: bool = False):
+    p = torch.exp(x.logp)
+    return x.mean(p.pow(beta1) * (1.0 - p).pow(beta2))
+
+
+@objective("satimp", weight=_satimp_weight, bounds={"beta1": ">= 0", "beta2": ">= 0"})
+def satimp(x: ObjectiveInputs, beta1: float = 5.0, beta2: float = 1.0, pooled: bool = False) -> torch.Tensor:
+    """Saturation-importance ascent: ℓ = -mean_k sg(p_k^β1 · (1 − p_k)^β2) · nll_k (``pooled``: over the batch).
+
+    β1 favours tokens the model already finds likely (saturation), β2 those not yet certain (importance)."""
+    p = torch.exp(x.logp).detach()
+    return -x.token_mean(p.pow(beta1) * (1.0 - p).pow(beta2) * x.nll, pooled=pooled)
+
+
+@objective("ceu", needs=("full_logp",), bounds={"skip_first": ">= 0"})
+def ceu(x: ObjectiveInputs, skip_first: int = 0, pooled: bool = False) -> torch.Tensor:
+    """Cross-entropy unlearning: at each answer token, the cross-entropy of the model's next-token distribution
+    against sg(its own distribution with the answer token removed), q_v = sg(p_v)/(1 − sg(p_k)) for v ≠ k:
+    ℓ = mean_k −Σ_{v≠k} q_v log p_v over the answer tokens after the first ``skip_first``."""
+    mask = x.mask * (x.mask.cumsum(-1) > skip_first)
+    p_all = x.full_logp.exp().detach()
+    p = torch.exp(x.logp).detach()
+    live = mask > 0
+    rest = torch.where(live, 1.0 - p, torch.ones_like(p))     # Σ_{v≠k} p_v, 1 where no token
+    cross = (p_all * x.full_logp).sum(-1) - p * x.logp        # Σ_{v≠k} sg(p_v) log p_v
+    per_token = torch.where(live, -cross / rest, torch.zeros_like(p))
+    return x.token_mean(per_token, mask, pooled=pooled)
 
 
 @objective("gd", role="retain")
