@@ -2,7 +2,8 @@
 of Wang et al. (ICLR 2025) in :mod:`.builtin`."""
 
 from . import builtin
-from .builtin import dpo, ga, gd, kl, npo, po, rmu, rr, simnpo, tnpo, wga, wtnpo
+from .builtin import ceu, dpo, ga, gd, kl, npo, po, rmu, rr, satimp, simnpo, tnpo, wga, wtnpo
+from .open_unlearning import OPEN_UNLEARNING_METHODS, from_open_unlearning
 from .registry import (
     NEEDS,
     Objective,
@@ -19,4 +20,5 @@ from .registry import (
 
 __all__ = ["NEEDS", "Objective", "ObjectiveError", "ObjectiveInputs", "ObjectiveSpec", "Term", "builtin",
            "get_objective", "list_objectives", "objective", "remove_objective", "resolve_objective", "ga", "wga",
-           "npo", "simnpo", "tnpo", "wtnpo", "po", "dpo", "rmu", "gd", "kl", "rr"]
+           "npo", "simnpo", "tnpo", "wtnpo", "po", "dpo", "rmu", "gd", "kl", "rr", "satimp", "ceu",
+           "from_open_unlearning", "OPEN_UNLEARNING_METHODS"]

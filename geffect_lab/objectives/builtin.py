@@ -3,6 +3,10 @@
 Notation (``x`` is the :class:`ObjectiveInputs`): ``p_k`` the model's probability of answer token k,
 ``p_o,k`` the frozen reference's, ``nll_k = -log p_k``; ``sg`` is stop-gradient (``.detach()``). Means and
 sums run over each sample's answer tokens. Every function returns one loss per sample.
+
+Token-level objectives take ``pooled=False``: ``True`` replaces the per-sample token mean by each sample's share
+of the token mean over the whole batch (:meth:`ObjectiveInputs.pooled`), the convention of trainers that
+average token losses across a batch, so the engine's mean over samples equals that batch token mean.
 """
 
 from __future__ import annotations
@@ -19,19 +23,19 @@ def _seq_logp(x: ObjectiveInputs) -> torch.Tensor:
 
 @objective("ga")
 def ga(x: ObjectiveInputs) -> torch.Tensor:
-    """Gradient ascent: ℓ = -mean_k nll_k."""
+    """Gradient ascent: ℓ = -mean_k nll_k (``wga(alpha=0, pooled=True)`` is its token mean over the batch)."""
     return -x.mean(x.nll)
 
 
-def _wga_weight(x: ObjectiveInputs, alpha: float = 1.0) -> torch.Tensor:
+def _wga_weight(x: ObjectiveInputs, alpha: float = 1.0, pooled: bool = False) -> torch.Tensor:
     return x.mean(torch.exp(alpha * x.logp))
 
 
 @objective("wga", weight=_wga_weight, bounds={"alpha": ">= 0"})
-def wga(x: ObjectiveInputs, alpha: float = 1.0) -> torch.Tensor:
-    """Weighted gradient ascent: ℓ = -mean_k sg(p_k)^α · nll_k."""
+def wga(x: ObjectiveInputs, alpha: float = 1.0, pooled: bool = False) -> torch.Tensor:
+    """Weighted gradient ascent: ℓ = -mean_k sg(p_k)^α · nll_k (``pooled``: the token mean over the batch)."""
     weight = torch.exp(alpha * x.logp).detach()
-    return -x.mean(weight * x.nll)
+    return -x.token_mean(weight * x.nll, pooled=pooled)
 
 
 def _npo_weight(x: ObjectiveInputs, beta: float = 0.1) -> torch.Tensor:
@@ -123,21 +127,53 @@ def rmu(x: ObjectiveInputs, layer: int | None = None, c: float = 5.0, seed: int 
     return x.mean((x.hidden - c * u).pow(2).mean(-1), x.hidden_mask)
 
 
+def _satimp_weight(x: ObjectiveInputs, beta1: float = 5.0, beta2: float = 1.0, pooled: bool = False):
+    p = torch.exp(x.logp)
+    return x.mean(p.pow(beta1) * (1.0 - p).pow(beta2))
+
+
+@objective("satimp", weight=_satimp_weight, bounds={"beta1": ">= 0", "beta2": ">= 0"})
+def satimp(x: ObjectiveInputs, beta1: float = 5.0, beta2: float = 1.0, pooled: bool = False) -> torch.Tensor:
+    """Saturation-importance ascent: ℓ = -mean_k sg(p_k^β1 · (1 − p_k)^β2) · nll_k (``pooled``: over the batch).
+
+    β1 favours tokens the model already finds likely (saturation), β2 those not yet certain (importance)."""
+    p = torch.exp(x.logp).detach()
+    return -x.token_mean(p.pow(beta1) * (1.0 - p).pow(beta2) * x.nll, pooled=pooled)
+
+
+@objective("ceu", needs=("full_logp",), bounds={"skip_first": ">= 0"})
+def ceu(x: ObjectiveInputs, skip_first: int = 0, pooled: bool = False) -> torch.Tensor:
+    """Cross-entropy unlearning: at each answer token, the cross-entropy of the model's next-token distribution
+    against sg(its own distribution with the answer token removed), q_v = sg(p_v)/(1 − sg(p_k)) for v ≠ k:
+    ℓ = mean_k −Σ_{v≠k} q_v log p_v over the answer tokens after the first ``skip_first``."""
+    mask = x.mask * (x.mask.cumsum(-1) > skip_first)
+    p_all = x.full_logp.exp().detach()
+    p = torch.exp(x.logp).detach()
+    live = mask > 0
+    rest = torch.where(live, 1.0 - p, torch.ones_like(p))     # Σ_{v≠k} p_v, 1 where no token
+    cross = (p_all * x.full_logp).sum(-1) - p * x.logp        # Σ_{v≠k} sg(p_v) log p_v
+    per_token = torch.where(live, -cross / rest, torch.zeros_like(p))
+    return x.token_mean(per_token, mask, pooled=pooled)
+
+
 @objective("gd", role="retain")
-def gd(x: ObjectiveInputs) -> torch.Tensor:
-    """Gradient descent on retain data: ℓ = mean_k nll_k."""
-    return x.mean(x.nll)
+def gd(x: ObjectiveInputs, pooled: bool = False) -> torch.Tensor:
+    """Gradient descent on retain data: ℓ = mean_k nll_k (``pooled``: the token mean over the batch)."""
+    return x.token_mean(x.nll, pooled=pooled)
 
 
 @objective("kl", role="retain", needs=("full_logp", "ref_full_logp"))
-def kl(x: ObjectiveInputs) -> torch.Tensor:
-    """KL(p_o ‖ p) of the next-token distributions, averaged over the retain sample's answer tokens."""
+def kl(x: ObjectiveInputs, pooled: bool = False) -> torch.Tensor:
+    """KL(p_o ‖ p) of the next-token distributions, averaged over the retain sample's answer tokens
+    (``pooled``: over the batch's answer tokens)."""
     ref = x.ref_full_logp
     per_token = (ref.exp() * (ref - x.full_logp)).sum(-1)
-    return x.mean(per_token)
+    return x.token_mean(per_token, pooled=pooled)
 
 
 @objective("rr", role="retain", needs=("hidden", "ref_hidden"))
-def rr(x: ObjectiveInputs, layer: int | None = None) -> torch.Tensor:
-    """Representation retention: ℓ = mean_k ‖h_ℓ,k − h_ℓ,k^ref‖² over the retain answer tokens."""
-    return x.mean((x.hidden - x.ref_hidden).pow(2).sum(-1), x.hidden_mask)
+def rr(x: ObjectiveInputs, layer: int | None = None, dim_mean: bool = False) -> torch.Tensor:
+    """Representation retention: ℓ = mean_k ‖h_ℓ,k − h_ℓ,k^ref‖² over the retain answer tokens
+    (``dim_mean``: the squared distance averaged, not summed, over the hidden dimension)."""
+    sq = (x.hidden - x.ref_hidden).pow(2)
+    return x.mean(sq.mean(-1) if dim_mean else sq.sum(-1), x.hidden_mask)

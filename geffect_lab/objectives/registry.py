@@ -85,6 +85,16 @@ class ObjectiveInputs:
         m = self.mask if mask is None else mask
         return (values * m).sum(-1)
 
+    def pooled(self, values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Each sample's share of the token mean over the whole batch: ``n · Σ_k v_jk / Σ_{j,k} m_jk`` →
+        [sample], so that the mean over samples is the batch's token mean (long answers weigh more)."""
+        m = self.mask if mask is None else mask
+        return (values * m).sum(-1) * (m.shape[0] / m.sum().clamp_min(1))
+
+    def token_mean(self, values: torch.Tensor, mask: torch.Tensor | None = None, pooled: bool = False):
+        """:meth:`mean` (per sample) or, when ``pooled``, :meth:`pooled` (over the batch's tokens)."""
+        return self.pooled(values, mask) if pooled else self.mean(values, mask)
+
 
 @dataclass(frozen=True)
 class Bound:
