@@ -105,13 +105,17 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     from .runs import RunData, check_output_path
 
     params = _parse_params(args.param)
-    resolve_objective(args.objective, params)  # a bad objective or parameter fails before anything is loaded
+    if args.objective is not None:
+        resolve_objective(args.objective, params)  # a bad objective or parameter fails before anything is loaded
     if args.output is not None:
         check_output_path(args.output)
-    data = RunData.build(args.forget, None, None, load_world(args.world) if args.world else None, None)
-    ds = replay(args.run_dir, args.tokenizer, args.objective, params, forget=data.forget,
-                retain=data.train_retain or None, targets=data.eval_sets, refusals=data.refusals,
-                base_model=args.base_model, pg=not args.no_pg, per_token=not args.no_per_token)
+    world = load_world(args.world) if args.world else None
+    samples = {}
+    if args.forget is not None:  # else an open-unlearning folder's own forget split
+        data = RunData.build(args.forget, None, None, world, None)
+        samples = dict(forget=data.forget, retain=data.train_retain, targets=data.eval_sets, refusals=data.refusals)
+    ds = replay(args.run_dir, args.tokenizer, args.objective, params or None, world=world, base_model=args.base_model,
+                pg=not args.no_pg, per_token=not args.no_per_token, **samples)
     if args.output is not None:
         save(ds, args.output)
     with pd.option_context("display.width", 160, "display.max_columns", 20):
@@ -266,11 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(an HF Trainer's output_dir; full weights or PEFT adapters), and the interval "
                                    "update effect between consecutive checkpoints.")
     p.add_argument("run_dir", help="the run folder holding checkpoint-* folders")
-    p.add_argument("--objective", "-O", default="ga", metavar="NAME", help="the objective to measure (default ga)")
+    p.add_argument("--objective", "-O", default=None, metavar="NAME",
+                   help="the objective to measure (default: an open-unlearning folder's own method)")
     p.add_argument("--param", "-p", action="append", metavar="NAME=VALUE", help="an objective parameter")
-    p.add_argument("--forget", default=DEFAULTS["forget"], choices=["forget01", "forget05", "forget10"],
-                   help="forget split: the objective's samples and the targeted instances (default %(default)s)")
-    p.add_argument("--world", default=None, help="folder of TOFU files (default: the bundled world)")
+    p.add_argument("--forget", default=None, choices=["forget01", "forget05", "forget10"],
+                   help="forget split: the objective's samples and the targeted instances (default: an "
+                        "open-unlearning folder's own)")
+    p.add_argument("--world", default=None, help="folder of TOFU files (default: the bundled world; real TOFU "
+                                                 "for an open-unlearning folder)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: saved with the checkpoints)")
     p.add_argument("--base-model", default=None, help="base model folder, for PEFT adapter checkpoints")
     p.add_argument("--no-pg", action="store_true", help="skip the PG-effect")

@@ -26,10 +26,12 @@ import numpy as np
 import torch
 import xarray as xr
 
+from .data import spread
 from .engine.api import Measurement, check_chunk_size
 from .results import StepTable
 
-__all__ = ["replay", "find_checkpoints", "Checkpoint", "ReplayError"]
+__all__ = ["replay", "find_checkpoints", "Checkpoint", "ReplayError", "read_open_unlearning_run",
+           "OpenUnlearningRun"]
 
 
 class ReplayError(ValueError):
@@ -168,11 +170,12 @@ def _named_trainable(model) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------- replay
-def replay(source, tokenizer=None, objective="ga", params: Mapping[str, Any] | None = None, *, forget: Sequence,
-           targets, retain: Sequence | None = None, reference="first", base_model=None,
-           refusals: Sequence[str] | None = None, template=None, per_token: bool = True, pg: bool = True,
-           chunk_size: int | str | None = 16, dtype: torch.dtype | None = None, device=None,
-           verify: str = "first", progress: bool = True) -> xr.Dataset:
+def replay(source, tokenizer=None, objective=None, params: Mapping[str, Any] | None = None, *,
+           forget: Sequence | None = None, targets=None, retain: Sequence | None = None, world=None,
+           reference="first", base_model=None, refusals: Sequence[str] | None = None, template=None,
+           per_token: bool = True, pg: bool = True, chunk_size: int | str | None = 16,
+           dtype: torch.dtype | None = None, device=None, verify: str = "first", progress: bool = True
+           ) -> xr.Dataset:
     """The G-effects of ``objective`` at every saved checkpoint of a run, and the interval update effects.
 
     Parameters
@@ -184,7 +187,11 @@ def replay(source, tokenizer=None, objective="ga", params: Mapping[str, Any] | N
     tokenizer:
         The run's tokenizer (default: read from the first checkpoint, where Trainers save it).
     objective, params, forget, retain, targets, refusals, template:
-        What is measured, as in :func:`geffect_lab.g_effect`.
+        What is measured, as in :func:`geffect_lab.g_effect`. For an open-unlearning output folder (it has
+        ``.hydra/config.yaml``) each may be left out: the objective is its method with its ``method_args``
+        (:func:`geffect_lab.objectives.from_open_unlearning`), the samples its ``forget_split`` of ``world``
+        (default: real TOFU where ``gl.data.tofu_dir()`` holds it) with as many retain samples, spread over its
+        retain split, the targets 32 + 32 as in ``gl.unlearn``.
     reference:
         The frozen reference for NPO-like terms: ``"first"`` (the first checkpoint), a model, or a folder.
     per_token, pg, chunk_size, verify:
@@ -198,10 +205,24 @@ def replay(source, tokenizer=None, objective="ga", params: Mapping[str, Any] | N
     """
     check_chunk_size(chunk_size)
     checkpoints = find_checkpoints(source)
+    ou = read_open_unlearning_run(source) if isinstance(source, (str, os.PathLike)) else None
+    if base_model is None and ou is not None and ou.model_path and Path(ou.model_path).is_dir():
+        base_model = ou.model_path
     loader = _Loader(base_model, dtype, device)
     first = loader.load(checkpoints[0])
     tok = tokenizer if tokenizer is not None else _tokenizer(checkpoints[0])
-    m = Measurement(first, tok, objective, params, forget=forget, targets=targets, retain=retain,
+    if objective is None:
+        if ou is None:
+            raise ReplayError(f"{source}: not an open-unlearning folder (no .hydra/config.yaml): give objective=")
+        objective, params = ou.objective(model=first), None
+    if forget is None or targets is None:
+        data = _run_data(ou, source, world)
+        forget = data.forget if forget is None else forget
+        targets = data.eval_sets if targets is None else targets
+        # as many retain samples as forget samples (a balanced batch), not the whole retain split
+        retain = spread(data.train_retain, len(forget)) if retain is None else retain
+        refusals = data.refusals if refusals is None else refusals
+    m = Measurement(first, tok, objective, params, forget=forget, targets=targets, retain=retain or None,
                     refusals=refusals, template=template, verify=verify)
     if isinstance(reference, str) and reference == "first":
         m.set_reference(first, label=f"first checkpoint ({checkpoints[0].path.name})")
@@ -214,6 +235,24 @@ def replay(source, tokenizer=None, objective="ga", params: Mapping[str, Any] | N
     measured = _measure_backwards(m, loader, checkpoints, per_token=per_token, pg=pg, chunk_size=chunk_size,
                                   progress=progress)
     return _dataset(m, checkpoints, measured, source)
+
+
+def _run_data(ou: OpenUnlearningRun | None, source, world):
+    """The forget samples, retain samples and targets of an open-unlearning run, from its forget split."""
+    from .data import load_world, tofu_dir
+    from .runs import RunData
+
+    if ou is None or not ou.forget_split:
+        raise ReplayError(f"{source}: give forget= and targets= (the folder has no open-unlearning configuration "
+                          "naming its forget split)")
+    if world is None:
+        if not (tofu_dir() / "full.json").exists():
+            raise ReplayError(f"{ou.config_path} names the forget split {ou.forget_split!r}, but TOFU's files are "
+                              f"not at {tofu_dir()}: pass world= (gl.load_world(folder)) or set GEFFECT_TOFU_DIR")
+        world = load_world(tofu_dir())
+    if ou.forget_split not in world:
+        raise ReplayError(f"{ou.config_path} names the forget split {ou.forget_split!r}, which {world!r} lacks")
+    return RunData.build(ou.forget_split, None, None, world, None)
 
 
 def _tokenizer(ckpt: Checkpoint):
@@ -271,3 +310,71 @@ def _dataset(m: Measurement, checkpoints: list[Checkpoint], measured: dict[int, 
     attrs = {**measured[steps[0]].attrs, "replayed_from": origin, "checkpoints": len(checkpoints),
              "recorded_by": "replay", "complete": int(complete), "stop_reason": "" if complete else "interrupted"}
     return table.dataset(attrs)
+
+
+# ---------------------------------------------------------------------------------------------- open-unlearning
+@dataclass(frozen=True)
+class OpenUnlearningRun:
+    """What an open-unlearning output folder says about its run (its saved Hydra configuration)."""
+
+    config_path: Path
+    method: str
+    method_args: dict
+    forget_split: str | None
+    retain_split: str | None
+    model_path: str | None
+
+    def objective(self, model=None):
+        from .objectives import from_open_unlearning
+
+        return from_open_unlearning(self.method, self.method_args, model=model)
+
+
+_INTERPOLATION = re.compile(r"\$\{([A-Za-z0-9_.]+)\}")
+
+
+def _resolve(value, root: dict):
+    """Hydra's ``${a.b}`` references to other keys of the same configuration, resolved (others kept as text)."""
+    if isinstance(value, dict):
+        return {k: _resolve(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve(v, root) for v in value]
+    if isinstance(value, str):
+        def lookup(match):
+            node = root
+            for key in match[1].split("."):
+                if not isinstance(node, dict) or key not in node:
+                    return match[0]
+                node = node[key]
+            return str(node)
+
+        whole = _INTERPOLATION.fullmatch(value)
+        if whole:
+            node = root
+            for key in whole[1].split("."):
+                node = node.get(key) if isinstance(node, dict) else None
+            return value if node is None else _resolve(node, root)
+        return _INTERPOLATION.sub(lookup, value)
+    return value
+
+
+def read_open_unlearning_run(folder) -> OpenUnlearningRun | None:
+    """The run described by an open-unlearning output folder's ``.hydra/config.yaml`` (None when there is none):
+    the trainer's ``handler`` and ``method_args``, ``forget_split``/``retain_split``, the model's path."""
+    import yaml
+
+    path = Path(folder) / ".hydra" / "config.yaml"
+    if not path.exists():
+        return None
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ReplayError(f"{path}: not valid YAML ({err})") from None
+    cfg = _resolve(raw, raw) if isinstance(raw, dict) else None
+    trainer = (cfg or {}).get("trainer") or {}
+    if not isinstance(trainer, dict) or not trainer.get("handler"):
+        raise ReplayError(f"{path}: no trainer.handler, so the unlearning method is unknown")
+    model_args = ((cfg.get("model") or {}).get("model_args") or {})
+    return OpenUnlearningRun(path, str(trainer["handler"]), dict(trainer.get("method_args") or {}),
+                             cfg.get("forget_split"), cfg.get("retain_split"),
+                             model_args.get("pretrained_model_name_or_path"))

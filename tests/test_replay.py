@@ -136,3 +136,55 @@ def test_cli_replay(full_run, tmp_path, capsys):
     assert ds.attrs["objective"] == "npo" and "4 checkpoints replayed" in capsys.readouterr().out
     assert main(["replay", str(tmp_path), "-O", "ga"]) == 2
     assert "no checkpoint-* folders" in capsys.readouterr().err
+
+
+OU_CONFIG = """forget_split: forget01
+retain_split: retain99
+model:
+  model_args:
+    pretrained_model_name_or_path: {model}
+trainer:
+  handler: NPO
+  method_args:
+    beta: 0.2
+    alpha: 0.5
+    gamma: 1.0
+    retain_loss_type: NLL
+data:
+  forget:
+    TOFU_QA_forget:
+      args:
+        hf_args:
+          path: locuslab/TOFU
+          name: ${{forget_split}}
+"""
+
+
+def test_an_open_unlearning_folder_replays_from_its_own_configuration(full_run, tmp_path, monkeypatch):
+    """The method, its method_args and the forget split are read from .hydra/config.yaml; the data from the TOFU
+    folder (here the bundled world, in TOFU's format: real TOFU's answers are longer than the zoo model's 128
+    positions, which replay refuses by name)."""
+    from geffect_lab.objectives import from_open_unlearning
+    from geffect_lab.replay import read_open_unlearning_run
+    from geffect_lab.runs import select_eval
+
+    out, _ = full_run
+    folder = tmp_path / "ou_run"
+    shutil.copytree(out, folder)
+    (folder / ".hydra").mkdir()
+    (folder / ".hydra" / "config.yaml").write_text(OU_CONFIG.format(model=folder / "checkpoint-0"))
+    run = read_open_unlearning_run(folder)
+    assert (run.method, run.forget_split, run.method_args["beta"]) == ("NPO", "forget01", 0.2)
+    monkeypatch.setenv("GEFFECT_TOFU_DIR", str(gl.data.data_dir() / "world"))
+    ds = gl.replay(folder, per_token=False, pg=False, progress=False)
+    assert ds.attrs["objective"] == "npo+0.5*gd" and '"gd.weight": 0.5' in ds.attrs["objective_params"]
+    world = gl.load_world(gl.data.data_dir() / "world")
+    forget, retain = list(world.forget("forget01")), list(world.retain("forget01"))
+    targets = select_eval(forget, retain)
+    explicit = gl.replay(folder, None, from_open_unlearning("NPO", {"beta": 0.2, "alpha": 0.5}), forget=forget,
+                         targets=targets, retain=gl.data.spread([e for e in retain if e not in targets["non_targeted"]],
+                                                                len(forget)),
+                         per_token=False, pg=False, progress=False)
+    np.testing.assert_array_equal(ds.g_effect.values, explicit.g_effect.values)
+    assert main(["replay", str(folder), "--no-per-token", "--no-pg", "-o", str(tmp_path / "ou.nc")]) == 0
+    assert gl.load(tmp_path / "ou.nc").attrs["objective"] == "npo+0.5*gd"
