@@ -35,7 +35,10 @@ __all__ = ["replay", "find_checkpoints", "Checkpoint", "ReplayError", "read_open
 
 
 class ReplayError(ValueError):
-    """A run folder or checkpoint that cannot be replayed (the folder or file is named in the message)."""
+    """A run folder or checkpoint that cannot be replayed (the folder or file is named in the message). Raised
+    part-way, ``partial`` holds the checkpoints measured before (``attrs["complete"] = 0``)."""
+
+    partial: xr.Dataset | None = None
 
 
 @dataclass(frozen=True)
@@ -214,7 +217,10 @@ def replay(source, tokenizer=None, objective=None, params: Mapping[str, Any] | N
     if objective is None:
         if ou is None:
             raise ReplayError(f"{source}: not an open-unlearning folder (no .hydra/config.yaml): give objective=")
-        objective, params = ou.objective(model=first), None
+        try:
+            objective, params = ou.objective(model=first), None
+        except ValueError as err:  # a method or method_arg we cannot express
+            raise ReplayError(f"{ou.config_path}: {err}") from None
     if forget is None or targets is None:
         data = _run_data(ou, source, world)
         forget = data.forget if forget is None else forget
@@ -232,8 +238,14 @@ def replay(source, tokenizer=None, objective=None, params: Mapping[str, Any] | N
         del ref
     m.release_reference()  # its quantities are cached: the model itself is not kept
     del first
-    measured = _measure_backwards(m, loader, checkpoints, per_token=per_token, pg=pg, chunk_size=chunk_size,
-                                  progress=progress)
+    measured: dict[int, xr.Dataset] = {}
+    try:
+        _measure_backwards(m, loader, checkpoints, measured, per_token=per_token, pg=pg, chunk_size=chunk_size,
+                           progress=progress)
+    except Exception as err:  # noqa: BLE001 - keep what was measured, then raise
+        failure = err if isinstance(err, ReplayError) else ReplayError(f"replay failed: {type(err).__name__}: {err}")
+        failure.partial = _dataset(m, checkpoints, measured, source) if measured else None
+        raise failure from (None if failure is err else err)
     return _dataset(m, checkpoints, measured, source)
 
 
@@ -264,13 +276,13 @@ def _tokenizer(ckpt: Checkpoint):
     raise ReplayError(f"{ckpt.path}: no tokenizer saved with the checkpoint; pass tokenizer=")
 
 
-def _measure_backwards(m: Measurement, loader: _Loader, checkpoints: list[Checkpoint], *, per_token, pg,
-                       chunk_size, progress) -> dict[int, xr.Dataset]:
-    """Each checkpoint's one-step Dataset, from the last to the first, with the interval effect towards the
-    next checkpoint (whose trainable parameters are the one copy kept). Ctrl-C keeps what was measured."""
+def _measure_backwards(m: Measurement, loader: _Loader, checkpoints: list[Checkpoint],
+                       measured: dict[int, xr.Dataset], *, per_token, pg, chunk_size, progress) -> None:
+    """Each checkpoint's one-step Dataset into ``measured``, from the last to the first, with the interval effect
+    towards the next checkpoint (whose trainable parameters are the one copy kept). Ctrl-C keeps what was
+    measured."""
     from tqdm.auto import tqdm
 
-    measured: dict[int, xr.Dataset] = {}
     later: dict[str, torch.Tensor] | None = None
     bar = tqdm(total=len(checkpoints), desc="replay", disable=not progress, unit="checkpoint")
     try:
@@ -291,7 +303,6 @@ def _measure_backwards(m: Measurement, loader: _Loader, checkpoints: list[Checkp
         pass
     finally:
         bar.close()
-    return measured
 
 
 def _dataset(m: Measurement, checkpoints: list[Checkpoint], measured: dict[int, xr.Dataset], source) -> xr.Dataset:

@@ -115,10 +115,20 @@ def test_bad_run_folders_are_named(full_run, setting, target_gpt2, tmp_path):
                                           r"checkpoint-7"):
         find_checkpoints(moved)
     mixed = tmp_path / "mixed"
-    shutil.copytree(out / "checkpoint-0", mixed / "checkpoint-0")
+    for step in (0, 2, 3):
+        shutil.copytree(out / f"checkpoint-{step}", mixed / f"checkpoint-{step}")
     target_gpt2[0].save_pretrained(mixed / "checkpoint-1")
-    with pytest.raises(ReplayError, match=r"checkpoint-1 is not the architecture of the run's other checkpoints"):
+    with pytest.raises(ReplayError, match=r"checkpoint-1 is not the architecture of the run's other checkpoints") \
+            as caught:
         gl.replay(mixed, tok, "ga", **args)
+    assert list(caught.value.partial.step.values) == [2, 3]  # measured before the failure: kept
+    assert caught.value.partial.attrs["complete"] == 0
+    ou = tmp_path / "ou"
+    shutil.copytree(out / "checkpoint-1", ou / "checkpoint-1")
+    (ou / ".hydra").mkdir()
+    (ou / ".hydra" / "config.yaml").write_text("forget_split: forget01\ntrainer:\n  handler: UNDIAL\n")
+    with pytest.raises(ReplayError, match=r"ou/.hydra/config.yaml: .*UNDIAL.*mapped methods: GradAscent"):
+        gl.replay(ou, tok, forget=forget, targets=targets, per_token=False, pg=False, progress=False)
     adapter = tmp_path / "adapter" / "checkpoint-1"
     adapter.mkdir(parents=True)
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/not-here"}))
