@@ -130,6 +130,8 @@ def _quantities(model, side: Samples, needs: frozenset[str], layer: int | None, 
     logits, labels, hidden = _forward(model, side.batch, layer if needs & {"hidden", "ref_hidden"} else None)
     logp, mask, full, pos = answer_logp(logits, labels, full=bool(needs & {"full_logp", "ref_full_logp"}))
     out: dict[str, torch.Tensor | None] = {"logp": logp, "mask": mask, "full_logp": full}
+    if needs & {"all_logp", "ref_all_logp"}:  # every position of the (trimmed) padded batch
+        out["all_logp"] = log_probs(logits)
     if hidden is not None:
         out["hidden"] = hidden_at_answers(hidden, pos)  # pos: each answer token's own (label) position
     if alt and side.refusal is not None:
@@ -158,6 +160,8 @@ def reference_quantities(reference, side: Samples, needs: frozenset[str], layer:
         got["ref_alt_logp"] = q["alt_logp"]
     if "ref_hidden" in want:
         got["ref_hidden"] = q["hidden"]
+    if "ref_all_logp" in want:
+        got["ref_all_logp"] = q["all_logp"]
     side.ref[key] = {k: v.detach() for k, v in got.items()}
     return side.ref[key]
 
@@ -174,7 +178,8 @@ def objective_inputs(model, term: Term, side: Samples, reference) -> ObjectiveIn
     return ObjectiveInputs(
         logp=q["logp"], mask=q["mask"], ids=side.ids, full_logp=q["full_logp"] if "full_logp" in needs else None,
         hidden=q.get("hidden"), hidden_mask=q["mask"] if "hidden" in q else None,
-        alt_logp=q.get("alt_logp"), alt_mask=q.get("alt_mask"), **ref)
+        alt_logp=q.get("alt_logp"), alt_mask=q.get("alt_mask"),
+        all_logp=q.get("all_logp") if "all_logp" in needs else None, **ref)
 
 
 def max_positions(model) -> int | None:

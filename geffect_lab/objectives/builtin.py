@@ -171,6 +171,15 @@ def kl(x: ObjectiveInputs, pooled: bool = False) -> torch.Tensor:
     return x.token_mean(per_token, pooled=pooled)
 
 
+@objective("kl_all", role="retain", needs=("all_logp", "ref_all_logp"))
+def kl_all(x: ObjectiveInputs) -> torch.Tensor:
+    """KL(p_o ‖ p) of the next-token distributions at every position of the padded batch (prompt, answer and
+    padding alike), each sample's sum over positions divided by the batch's length: the mean over samples is
+    open-unlearning's KL retain loss (a batch mean over every row and position)."""
+    ref = x.ref_all_logp
+    return (ref.exp() * (ref - x.all_logp)).sum(-1).sum(-1) / ref.shape[1]
+
+
 @objective("rr", role="retain", needs=("hidden", "ref_hidden"))
 def rr(x: ObjectiveInputs, layer: int | None = None, dim_mean: bool = False) -> torch.Tensor:
     """Representation retention: ℓ = mean_k ‖h_ℓ,k − h_ℓ,k^ref‖² over the retain answer tokens

@@ -20,7 +20,7 @@ SatImp         beta1=5, beta2=1, gamma=0.1, alpha=1, NLL        ``gamma*satimp(b
 CEU            ignore_first_n_answer_tokens=1                   ``ceu(skip_first=n, pooled=True)``
 =============  ===============================================  ==================================================
 
-``R`` is the retain term of ``retain_loss_type``: ``NLL`` → ``gd(pooled=True)``, ``KL`` → ``kl(pooled=True)``,
+``R`` is the retain term of ``retain_loss_type``: ``NLL`` → ``gd(pooled=True)``, ``KL`` → ``kl_all()``,
 ``EMBED_DIFF`` (RMU only) → ``rr(layer, dim_mean=True)``; with ``alpha=0`` it is left out.
 
 Conventions that differ from ours, and the parameter that gives open-unlearning's:
@@ -31,9 +31,8 @@ Conventions that differ from ours, and the parameter that gives open-unlearning'
   each sample's loss becomes its share ``n·Σ_k ℓ_k / Σ_batch tokens``, so it depends on the batch it is in.
   ``ga`` itself keeps no parameter; ``wga(alpha=0, pooled=True)`` is the pooled GA.
 * KL retain loss: open-unlearning averages KL(p_o‖p) over every position of the padded batch (prompt, answer
-  and padding positions alike); the engine hands next-token distributions at answer positions only, so
-  ``kl(pooled=True)`` averages over the batch's answer tokens. It equals theirs only on inputs that carry all
-  positions; on prompts the two differ.
+  and padding positions alike); our ``kl`` over the answer tokens. ``kl_all`` takes theirs (the engine then
+  hands the distributions at every position, ``all_logp``).
 * RMU's retain loss (EMBED_DIFF) averages the squared distance over the hidden dimension; our ``rr`` sums it:
   ``rr(dim_mean=True)``. Its random direction is normalised to unit length before ``steering_coeff`` scales it:
   ``rmu(normalize=True)``; open-unlearning draws it from the global random state, ours from ``rmu.seed``, so the
@@ -53,7 +52,7 @@ from typing import Any
 
 import torch
 
-from .builtin import ceu, dpo, gd, kl, npo, rmu, rr, satimp, simnpo, wga
+from .builtin import ceu, dpo, gd, kl_all, npo, rmu, rr, satimp, simnpo, wga
 from .registry import Objective, ObjectiveError, Term, check_weight
 
 __all__ = ["from_open_unlearning", "OPEN_UNLEARNING_METHODS"]
@@ -166,7 +165,7 @@ def _retain_term(name: str, kind: str, layer: int | None) -> Term:
     if kind == "NLL":
         return gd(pooled=True)
     if kind == "KL":
-        return kl(pooled=True)
+        return kl_all()
     return rr(layer=layer, dim_mean=True)  # EMBED_DIFF, RMU only
 
 

@@ -36,6 +36,8 @@ NEEDS = {
     "ref_alt_logp": "the reference model's log-probabilities of the refusal answer",
     "hidden": "hidden states after block `layer` at the answer tokens (hidden, hidden_mask)",
     "ref_hidden": "the reference model's hidden states after block `layer`",
+    "all_logp": "log-probabilities over the vocabulary at every position of the padded batch (all_logp)",
+    "ref_all_logp": "the reference model's log-probabilities over the vocabulary at every position",
 }
 ROLES = ("forget", "retain")
 
@@ -65,6 +67,8 @@ class ObjectiveInputs:
     hidden: torch.Tensor | None = None            # [sample, token, d] after block `layer` at answer tokens
     hidden_mask: torch.Tensor | None = None       # [sample, token]
     ref_hidden: torch.Tensor | None = None
+    all_logp: torch.Tensor | None = None          # [sample, position, vocab] every position of the padded batch
+    ref_all_logp: torch.Tensor | None = None
 
     @property
     def nll(self) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import geffect_lab as gl
 from geffect_lab.engine.forward import Samples, objective_inputs
-from geffect_lab.objectives import ObjectiveError, ObjectiveInputs, from_open_unlearning
+from geffect_lab.objectives import ObjectiveError, from_open_unlearning
 from geffect_lab.testing import tiny_causal_lm
 
 V = 48
@@ -23,9 +23,10 @@ def models():
 
 
 def _batch(seed: int, prompts, answers) -> dict[str, torch.Tensor]:
-    """Right-padded question + answer rows; labels -100 outside the answers (the Hugging Face convention)."""
+    """Right-padded question + answer rows, padded to the longest as open-unlearning's collator does; labels -100
+    outside the answers (the Hugging Face convention)."""
     g = torch.Generator().manual_seed(seed)
-    width = max(p + a for p, a in zip(prompts, answers)) + 1
+    width = max(p + a for p, a in zip(prompts, answers))
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     att = torch.zeros_like(ids)
     labels = torch.full_like(ids, -100)
@@ -204,22 +205,15 @@ def test_rmu_steers_block_activations(models, kind):
     _assert_same(_ours(objective, model, ref), theirs, model)
 
 
-def _kl_all_positions(term, model, ref):
-    """Their KL retain loss equals ours on inputs that carry every position of the batch."""
-    cur = F.log_softmax(_run(model, RETAIN)[0], -1)
-    with torch.no_grad():
-        old = F.log_softmax(_run(ref, RETAIN)[0], -1)
-    ones = torch.ones(cur.shape[:2], dtype=cur.dtype)
-    x = ObjectiveInputs(logp=torch.zeros_like(ones), mask=ones, full_logp=cur, ref_full_logp=old)
-    _assert_same(term.weight * term.loss(x).mean(), term.weight * ou_kl(model, ref, RETAIN), model)
-
-
-def test_grad_diff_with_kl_on_all_positions(models):
+def test_grad_diff_with_kl_over_every_position(models):
+    """Their KL retain loss covers every position of the padded batch: kl_all, through the engine's forward."""
     model, ref = models
     objective = from_open_unlearning("GradDiff", {"retain_loss_type": "KL", "alpha": 2.0})
-    assert [t.name for t in objective.terms] == ["wga", "kl"] and objective.terms[1].params == {"pooled": True}
-    _kl_all_positions(objective.terms[1], model, ref)
-    assert from_open_unlearning("RMU", {"retain_loss_type": "KL"}).terms[1].params == {"pooled": True}
+    assert [t.name for t in objective.terms] == ["wga", "kl_all"]
+    assert (RETAIN["attention_mask"] == 0).any()  # padding positions count too
+    theirs = -ou_mean_nll(model, FORGET) + 2.0 * ou_kl(model, ref, RETAIN)
+    _assert_same(_ours(objective, model, ref), theirs, model)
+    assert [t.name for t in from_open_unlearning("RMU", {"retain_loss_type": "KL"}).terms] == ["rmu", "kl_all"]
 
 
 @pytest.mark.parametrize("args", [{}, {"beta": 2.5, "gamma": 0.5}])
