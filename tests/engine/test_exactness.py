@@ -9,7 +9,8 @@ import torch
 import geffect_lab as gl
 from geffect_lab.testing import float64_exact_norms, relative_error, reorder_tolerance, tiny_model
 
-OBJECTIVES = ["ga", "wga", "npo", "simnpo", "tnpo", "wtnpo", "po", "dpo", "rmu", "npo+gd", "ga+kl", "rmu+0.5*rr", "satimp", "ceu+kl_all"]
+OBJECTIVES = ["ga", "wga", "npo", "simnpo", "tnpo", "wtnpo", "po", "dpo", "rmu", "npo+gd", "ga+kl", "rmu+0.5*rr",
+              "satimp", "ceu+kl_all"]
 
 
 def _both(model, tok, sets, objective, **kw):
