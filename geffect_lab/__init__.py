@@ -13,12 +13,13 @@ from .recorder import GEffectRecorder
 from .replay import replay
 from .results import combine, load, save
 from .runs import RunConfig, unlearn
+from .sweep import load_sweep, sweep
 
 __all__ = ["__version__", "zoo", "objectives", "runs", "metrics", "schema", "testing", "evaluate",
            "read_open_unlearning", "load_world", "encode", "Example", "World", "g_effect", "Measurement",
            "layer_groups", "get_objective", "list_objectives", "objective", "GEffectRecorder", "replay", "unlearn",
            "RunConfig",
-           "save", "load", "combine", "estimate_memory", "auto_chunk_size"]
+           "sweep", "load_sweep", "save", "load", "combine", "estimate_memory", "auto_chunk_size"]
 
 
 _LAZY = ("plots", "widgets", "attribution", "Dashboard")

@@ -2,6 +2,7 @@
 
     geffect-lab run --objective npo --param beta=0.1 --forget forget05 --steps 30 -o results/npo.nc
     geffect-lab replay RUN_DIR --objective npo   G-effects at every checkpoint-* of a saved run
+    geffect-lab sweep spec.yaml -o sweeps/beta   many runs as tasks on a Dask cluster (resumable)
     geffect-lab info results/npo.nc              schema, configuration and a summary table
     geffect-lab compare results/ga.nc results/npo.nc
     geffect-lab objectives                       the registered objectives and their parameters
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import math
 import sys
 from pathlib import Path
@@ -122,6 +124,29 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         print(summarize({ds.attrs["objective"]: ds}).to_string(float_format=lambda x: f"{x:.4g}"))
     print(f"\n{ds.sizes['step']} checkpoints replayed" + (f"; written to {args.output}" if args.output else ""))
     return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .sweep import sweep
+
+    path = Path(args.spec)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such sweep spec")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(spec, dict) or "grid" not in spec or set(spec) - {"grid", "base"}:
+        raise ValueError(f"{path}: a sweep spec holds 'grid:' (settings -> values, or a list of configurations) "
+                         "and optionally 'base:' (the settings every run shares), with gl.unlearn's keys")
+    ds = sweep(spec["grid"], base=spec.get("base"), out=args.output, client=args.scheduler, retries=args.retries)
+    index = json.loads((Path(args.output) / "sweep.json").read_text())["runs"].values()
+    failed = [r for r in index if r["status"] == "failed"]
+    print(f"{sum(r['status'] == 'done' for r in index)} run(s) done, {len(failed)} failed; in {args.output}"
+          + ("" if ds is None else f"; gl.load_sweep({str(args.output)!r}) gives them along 'run'"))
+    return 1 if failed else 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -284,6 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-per-token", action="store_true", help="skip the per-token G-effects")
     p.add_argument("-o", "--output", default=None, help="netCDF file to write (e.g. replay.nc)")
     p.set_defaults(func=_cmd_replay)
+
+    p = sub.add_parser("sweep", help="many runs (objectives x parameters x seeds) on a Dask cluster",
+                       description="Run every configuration of a YAML spec (grid: settings -> values, or a list of "
+                                   "configurations; base: shared settings; gl.unlearn's keys) as tasks on a Dask "
+                                   "cluster (default: local worker processes). Finished runs are kept and skipped "
+                                   "when the same sweep runs again.")
+    p.add_argument("spec", help="the sweep's YAML file")
+    p.add_argument("-o", "--output", required=True, help="folder for the runs and the sweep's index")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS", help="a Dask scheduler (default: local workers)")
+    p.add_argument("--retries", type=_whole(0), default=1, help="retries of a failing run (default %(default)s)")
+    p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("info", help="schema, configuration and a summary of a results file",
                        description="Print a results file's schema version, dims, configuration and a summary "

@@ -21,6 +21,7 @@ function                    shows
 ``token_attribution``       Captum token attributions with the prompt's text (instances or steps as rows)
 ``layer_attribution``       layer attribution beside the layer G-effect, one instance and step
 ``attribution_change``      an instance's token attributions before and after unlearning
+``swept``                   e_u, e_r (or a metric) against a swept setting, mean over seeds with a band
 ==========================  ==========================================================================
 """
 
@@ -37,6 +38,7 @@ from .schema import DIMS
 
 __all__ = ["g_effect_curves", "layer_heatmap", "instance_distributions", "pg_scatter", "trajectory",
            "token_strip", "compare", "metric_curves", "token_attribution", "layer_attribution", "attribution_change",
+           "swept",
            "UNLEARNING", "RETAINING", "figure_png", "label"]
 
 UNLEARNING = "#D9A300"   # gold
@@ -465,6 +467,46 @@ def attribution_change(ds: xr.Dataset, instance: str, *, method: str = "integrat
                                   "prompt_token_text": (("instance", "prompt_token"),
                                                         np.repeat(texts[:1, keep], 3, axis=0))})
     return token_attribution(source, method=method, title=title or f"{instance}: attribution before and after")
+
+
+def swept(ds: xr.Dataset, x: str, *, hue: str | None = None, seed: str = "seed", var: str = "g_effect",
+          title: str | None = None) -> Figure:
+    """A sweep (:func:`geffect_lab.load_sweep`) summarised against the swept setting ``x``: for ``var="g_effect"``
+    the unlearning (gold) and retaining (navy) G-effect, each run's mean over its recorded steps; for a metric
+    (``forget_quality``, ``model_utility`` …) its value after the last update. Lines are the mean over the
+    ``seed`` coordinate's runs, bands ± 1.96 standard errors over seeds (a normal interval: with few seeds,
+    read it as a spread); ``hue`` draws one line per value of another setting (e.g. ``objective``)."""
+    import pandas as pd
+
+    if "run" not in ds.dims or x not in ds.coords:
+        raise KeyError(f"swept() takes a sweep along 'run' with the setting {x!r} as a coordinate (gl.load_sweep)")
+    if var == "g_effect":
+        acc = ds.geffect
+        panels = {"unlearning G-effect e_u": acc.unlearning().mean("step"),
+                  "retaining G-effect e_r": acc.retaining().mean("step")}
+    else:
+        panels = {label(ds[var]): ds[var].isel(step=-1).mean([d for d in ds[var].dims if d not in ("run", "step")])}
+    groups = [(None, None)] if hue is None else [(h, ds[hue] == h) for h in np.unique(ds[hue].values)]
+    fig, axes = _new(1, len(panels), width=4.6)
+    colours = [UNLEARNING, RETAINING] if hue is None else _palette(len(groups))
+    for p, (name, per_run) in enumerate(panels.items()):
+        ax = axes[0, p]
+        for g, (value, chosen) in enumerate(groups):
+            series = per_run if chosen is None else per_run.where(chosen, drop=True)
+            frame = pd.DataFrame({"y": series.values.ravel(), x: ds[x].sel(run=series["run"]).values})
+            stats = frame.groupby(x)["y"].agg(["mean", "sem", "count"]).sort_index()
+            colour = colours[p] if hue is None else colours[g]
+            band = 1.96 * stats["sem"].fillna(0.0)
+            ax.plot(stats.index, stats["mean"], marker="o", color=colour, label=None if value is None else str(value))
+            ax.fill_between(stats.index, stats["mean"] - band, stats["mean"] + band, color=colour, alpha=0.2, lw=0)
+        ax.set_xlabel(x)
+        ax.set_title(name, fontsize=10)
+        ax.axhline(0, color="0.6", lw=0.8)
+        if hue is not None:
+            ax.legend(title=hue, fontsize=8)
+    n_seeds = len(np.unique(ds[seed].values)) if seed in ds.coords else 1
+    fig.suptitle(title or f"against {x}: mean over {n_seeds} seed(s), band ± 1.96 s.e.")
+    return fig
 
 
 def figure_png(fig: Figure, dpi: int = 90) -> bytes:

@@ -23,6 +23,7 @@ def test_bench_engine_runs_on_the_zoo_model():
 @pytest.mark.parametrize("script,args,expect", [
     ("bench_run.py", ["--repeats", "1", "--steps", "2"], "g_effect, every 2"),
     ("bench_metrics.py", ["--repeats", "1"], "with them cached"),
+    ("bench_sweep.py", ["--runs", "2", "--steps", "1"], "ratio sequential / sweep"),
 ])
 def test_other_benchmarks_run(script, args, expect):
     out = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=ROOT, capture_output=True, text=True,

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNEL_SIDE = ["engine", "objectives", "runs", "recorder", "results", "metrics", "data", "zoo", "_batching"]
+KERNEL_SIDE = ["engine", "objectives", "runs", "recorder", "replay", "sweep", "results", "schema", "metrics", "data",
+               "zoo", "_batching"]
 UI = {"ipywidgets", "seaborn", "IPython"}
 
 

@@ -118,7 +118,8 @@ def test_the_stored_configuration_re_creates_the_run(target, world, small_eval, 
                     progress=False)
     gl.save(ds, tmp_path / "run.nc")
     config = gl.RunConfig.from_dataset(gl.load(tmp_path / "run.nc"))
-    assert config == gl.RunConfig(objective="npo+gd", params={"npo.weight": 1.0, "npo.beta": 0.2, "gd.weight": 1.0},
+    assert config == gl.RunConfig(objective="npo+gd", params={"npo.weight": 1.0, "npo.beta": 0.2, "gd.weight": 1.0,
+                                                              "gd.pooled": False},
                                   steps=3, lr=2e-3, optimizer="sgd", warmup=2, seed=5, batch_size=4,
                                   record=("g_effect", "update_effect"))
     with pytest.raises(dataclasses.FrozenInstanceError):

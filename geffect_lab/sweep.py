@@ -1,0 +1,241 @@
+"""``gl.sweep``: many unlearning runs (objectives × hyper-parameters × seeds) as pure tasks on a Dask cluster.
+
+Each configuration is one task — :func:`run_task`: load the model and world, ``gl.unlearn`` with the
+configuration, save the Dataset atomically under a name derived from the configuration — submitted to a
+``dask.distributed`` Client: by default a ``LocalCluster`` of worker *processes*, one torch thread each; any
+other Client (``dask-jobqueue``'s SLURM/PBS clusters, a Kubernetes cluster, a scheduler address) runs the same
+code. Finished runs are never redone (re-running a sweep resumes it); a task that raises is retried, then
+recorded in the sweep's index with its traceback while the others finish; a worker killed mid-task has its task
+re-run by the scheduler. ``gl.load_sweep(out)`` returns the finished runs as one Dataset along ``run``, each
+varied setting a coordinate.
+
+GPU workers: when ``base`` puts the runs on CUDA (``device="cuda"``) each task asks for one ``GPU`` resource;
+start the workers with it, e.g. ``SLURMCluster(..., worker_extra_args=["--resources", "GPU=1"])``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import traceback
+from collections.abc import Mapping, Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import xarray as xr
+
+__all__ = ["sweep", "load_sweep", "expand_grid", "run_task", "SweepError", "SWEEP_KEYS"]
+
+INDEX = "sweep.json"
+
+
+class SweepError(ValueError):
+    """A grid, folder or client that cannot make a sweep (named in the message)."""
+
+
+def _run_keys() -> set[str]:
+    from .runs import RunConfig
+
+    return {f.name for f in fields(RunConfig)}
+
+
+# settings a task understands besides RunConfig's fields
+SWEEP_KEYS = {"model": "a zoo name or a checkpoint folder (default: the zoo's 'target')",
+              "world": "a folder of TOFU files (default: the bundled world)",
+              "device": "where each run trains ('cpu', 'cuda'; default: the model's)",
+              "dtype": "the model's dtype ('float32', 'float64', 'bfloat16'; default: as saved)"}
+
+
+def expand_grid(grid, base: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The configurations of a sweep: ``grid`` is a mapping of setting → values (their product), a list of
+    configurations, or ``{"product": {...}, "configs": [...]}`` (both). ``params.NAME`` sets one objective
+    parameter. Every key is checked (a RunConfig field, ``params.*`` or one of :data:`SWEEP_KEYS`) and every
+    configuration made into a RunConfig before anything runs."""
+    from .runs import RunConfig
+
+    if isinstance(grid, Mapping) and set(grid) <= {"product", "configs"} and grid:
+        configs = _product(grid.get("product") or {}) + [dict(c) for c in grid.get("configs") or []]
+    elif isinstance(grid, Mapping):
+        configs = _product(grid)
+    elif isinstance(grid, Sequence) and not isinstance(grid, str):
+        configs = [dict(c) for c in grid]
+    else:
+        raise SweepError(f"grid must be a mapping of setting -> values or a list of configurations, got {grid!r}")
+    if not configs:
+        raise SweepError("the grid is empty: give at least one value for each setting, or one configuration")
+    allowed = _run_keys() | set(SWEEP_KEYS)
+    out = []
+    for config in configs:
+        settings = {**dict(base or {}), **config}
+        unknown = sorted(k for k in settings if k not in allowed and not k.startswith("params."))
+        if unknown:
+            raise SweepError(f"unknown setting(s) {unknown}; a sweep varies RunConfig's fields "
+                             f"({', '.join(sorted(_run_keys()))}), params.NAME, or {', '.join(SWEEP_KEYS)}")
+        RunConfig(**_run_options(settings))  # every value checked now, not in a worker
+        out.append(settings)
+    return out
+
+
+def _product(grid: Mapping[str, Any]) -> list[dict[str, Any]]:
+    keys = list(grid)
+    values = [v if isinstance(v, (list, tuple)) else [v] for v in grid.values()]
+    if any(len(v) == 0 for v in values):
+        empty = [k for k, v in zip(keys, values) if len(v) == 0]
+        raise SweepError(f"the grid gives no value for {', '.join(empty)}")
+    return [dict(zip(keys, combo)) for combo in itertools.product(*values)] if keys else []
+
+
+def _run_options(settings: Mapping[str, Any]) -> dict[str, Any]:
+    run_keys = _run_keys()
+    options = {k: v for k, v in settings.items() if k in run_keys}
+    params = dict(options.pop("params", None) or {})
+    params.update({k[len("params."):]: v for k, v in settings.items() if k.startswith("params.")})
+    return {**options, "params": params}
+
+
+def run_name(settings: Mapping[str, Any]) -> str:
+    """A stable file name from a configuration (the same settings always map to the same run)."""
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return "run-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run_task(settings: dict[str, Any], path: str, threads: int = 1) -> str:
+    """One run of a sweep, as a pure function of its settings: train, measure, save ``path`` atomically."""
+    import torch
+
+    from . import zoo
+    from .data import load_world
+    from .results import save
+    from .runs import RunConfig
+
+    torch.set_num_threads(threads)
+    dtype = getattr(torch, settings["dtype"]) if settings.get("dtype") else None
+    model, tok = zoo.load(settings.get("model", "target"), dtype=dtype, device=settings.get("device"))
+    world = load_world(settings["world"]) if settings.get("world") else None
+    ds = RunConfig(**_run_options(settings)).unlearn(model, tok, world=world, progress=False)
+    ds.attrs["sweep_settings"] = json.dumps(settings, sort_keys=True, default=str)
+    save(ds, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- the sweep
+def _index(out: Path, grid, base) -> dict[str, Any]:
+    """The sweep's index (``out/sweep.json``), made or checked: a folder holds one sweep."""
+    spec = json.loads(json.dumps({"grid": grid, "base": dict(base or {})}, sort_keys=True, default=str))
+    path = out / INDEX
+    if path.exists():
+        try:
+            index = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise SweepError(f"{path}: not valid JSON ({err})") from None
+        if index.get("spec") != spec:
+            raise SweepError(f"{out} holds a different sweep (its {INDEX} has another grid or base): give another "
+                             "folder, or the same grid and base to resume it")
+        return index
+    return {"spec": spec, "runs": {}}
+
+
+def _write_index(out: Path, index: dict[str, Any]) -> None:
+    tmp = out / f".{INDEX}.tmp"
+    tmp.write_text(json.dumps(index, indent=1, sort_keys=True, default=str))
+    os.replace(tmp, out / INDEX)
+
+
+def _default_client():
+    from distributed import Client, LocalCluster
+
+    workers = max(1, min(2, os.cpu_count() or 1))
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    return Client(cluster), cluster
+
+
+def sweep(grid, *, base: Mapping[str, Any] | None = None, out, client=None, retries: int = 1,
+          progress: bool = True) -> xr.Dataset | None:
+    """Run every configuration of ``grid`` (see :func:`expand_grid`; ``base`` holds the settings shared by all)
+    as a task on a Dask ``client`` (default: a LocalCluster of up to 2 worker processes, one thread each), each
+    run saved to ``out`` as it finishes. Runs already in ``out`` are skipped; a task that raises is retried
+    ``retries`` times, then recorded as failed (with its traceback) in ``out/sweep.json`` while the others
+    finish. Returns :func:`load_sweep` of ``out`` (None when no run finished)."""
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise SweepError(f"retries={retries!r} is not valid; use a whole number >= 0")
+    configs = expand_grid(grid, base)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SweepError(f"{out} is a file; give a folder for the sweep's runs")
+    index = _index(out, grid, base)
+    todo = {run_name(s): s for s in configs if not (out / f"{run_name(s)}.nc").exists()}
+    owned = None
+    if client is None:
+        client, owned = _default_client()
+    elif isinstance(client, str):
+        client = _connect(client)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, settings in ((run_name(s), s) for s in configs):
+        index["runs"].setdefault(name, {"settings": settings, "status": "pending"})
+        if name not in todo:
+            index["runs"][name]["status"] = "done"
+    _write_index(out, index)
+    if getattr(client, "dashboard_link", None) and progress:
+        print(f"Dask dashboard: {client.dashboard_link}")
+    try:
+        resources = {"GPU": 1} if str((base or {}).get("device", "")).startswith("cuda") else None
+        futures = {client.submit(run_task, s, str(out / f"{name}.nc"), key=f"geffect-{name}", retries=retries,
+                                 resources=resources, pure=False): name for name, s in todo.items()}
+        bar = tqdm(total=len(configs), initial=len(configs) - len(todo), desc="sweep", disable=not progress,
+                   unit="run")
+        for future in as_completed(futures):
+            name = futures[future]
+            if future.status == "finished":
+                index["runs"][name].update(status="done", error="")
+            else:
+                err = future.exception()
+                index["runs"][name].update(status="failed", error="".join(
+                    traceback.format_exception(type(err), err, future.traceback())))
+            _write_index(out, index)
+            bar.update()
+        bar.close()
+    finally:
+        if owned is not None:
+            client.close()
+            owned.close()
+    return load_sweep(out) if any(r["status"] == "done" for r in index["runs"].values()) else None
+
+
+def _connect(address: str):
+    from distributed import Client
+
+    try:
+        return Client(address, timeout="10s")
+    except (OSError, TimeoutError) as err:
+        raise SweepError(f"cannot reach the Dask scheduler at {address!r}: {err}") from None
+
+
+def load_sweep(out) -> xr.Dataset:
+    """The finished runs of a sweep folder as one Dataset along ``run``; every setting that varies is a
+    coordinate on ``run`` (``.sel(run=ds.run[ds.seed == 1])``, ``groupby("seed")``), the run names label it."""
+    from .results import combine, load
+
+    out = Path(out)
+    path = out / INDEX
+    if not path.exists():
+        raise SweepError(f"{out} is not a sweep folder (no {INDEX})")
+    runs = {name: r for name, r in json.loads(path.read_text())["runs"].items() if r["status"] == "done"}
+    if not runs:
+        raise SweepError(f"{out}: no finished run yet")
+    datasets = {name: load(out / f"{name}.nc") for name in runs}
+    stacked = combine(datasets, dim="run")
+    keys = sorted({k for r in runs.values() for k in r["settings"]})
+    for key in keys:
+        values = [json.dumps(r["settings"].get(key), sort_keys=True) for r in runs.values()]
+        if len(set(values)) > 1:
+            coord = key.replace("params.", "")
+            plain = [r["settings"].get(key) for r in runs.values()]
+            stacked = stacked.assign_coords({coord: ("run", plain if all(
+                isinstance(v, (int, float, str)) for v in plain) else values)})
+    return stacked
