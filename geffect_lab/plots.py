@@ -493,7 +493,7 @@ def swept(ds: xr.Dataset, x: str, *, hue: str | None = None, seed: str = "seed",
         ax = axes[0, p]
         for g, (value, chosen) in enumerate(groups):
             series = per_run if chosen is None else per_run.where(chosen, drop=True)
-            frame = pd.DataFrame({"y": series.values.ravel(), x: ds[x].sel(run=series["run"]).values})
+            frame = pd.DataFrame({"y": series.values.ravel(), x: series[x].values})
             stats = frame.groupby(x)["y"].agg(["mean", "sem", "count"]).sort_index()
             colour = colours[p] if hue is None else colours[g]
             band = 1.96 * stats["sem"].fillna(0.0)

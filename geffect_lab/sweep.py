@@ -217,8 +217,9 @@ def _connect(address: str):
 
 
 def load_sweep(out) -> xr.Dataset:
-    """The finished runs of a sweep folder as one Dataset along ``run``; every setting that varies is a
-    coordinate on ``run`` (``.sel(run=ds.run[ds.seed == 1])``, ``groupby("seed")``), the run names label it."""
+    """The finished runs of a sweep folder as one Dataset along ``run``, indexed by the settings that vary (a
+    multi-index: ``.sel(objective="npo", beta=0.1)`` gives those runs over seeds, ``groupby("seed")`` works);
+    ``run_name`` holds each run's file name."""
     from .results import combine, load
 
     out = Path(out)
@@ -231,11 +232,16 @@ def load_sweep(out) -> xr.Dataset:
     datasets = {name: load(out / f"{name}.nc") for name in runs}
     stacked = combine(datasets, dim="run")
     keys = sorted({k for r in runs.values() for k in r["settings"]})
+    varied = []
     for key in keys:
         values = [json.dumps(r["settings"].get(key), sort_keys=True) for r in runs.values()]
         if len(set(values)) > 1:
             coord = key.replace("params.", "")
             plain = [r["settings"].get(key) for r in runs.values()]
             stacked = stacked.assign_coords({coord: ("run", plain if all(
-                isinstance(v, (int, float, str)) for v in plain) else values)})
+                isinstance(v, (int, float, str)) and not isinstance(v, bool) for v in plain) else values)})
+            varied.append(coord)
+    stacked = stacked.assign_coords(run_name=("run", list(runs)))
+    if varied:  # the varied settings identify each run: they index it
+        stacked = stacked.drop_vars("run").set_xindex(varied)
     return stacked

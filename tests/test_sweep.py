@@ -35,6 +35,7 @@ def client():
 def test_a_sweep_gives_the_numbers_of_the_runs_done_one_by_one(client, target, world, tmp_path):
     ds = gl.sweep(GRID, base=BASE, out=tmp_path, client=client, progress=False)
     assert ds.sizes["run"] == 4 and sorted(set(ds.objective.values)) == ["ga", "npo"]
+    assert ds.sel(objective="npo").sizes["seed"] == 2 and ds.run_name.values[0].startswith("run-")  # runs by seed
     model, tok = target
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each worker: a float32 run under Adam amplifies another thread count's rounding
@@ -43,7 +44,7 @@ def test_a_sweep_gives_the_numbers_of_the_runs_done_one_by_one(client, target, w
             for seed in (0, 1):
                 alone = gl.unlearn(model, tok, objective, world=world, seed=seed, steps=2, record=("g_effect",),
                                    batch_size=4, forget="forget01", progress=False)
-                got = ds.sel(run=ds.run[(ds.objective == objective) & (ds.seed == seed)].item())
+                got = ds.sel(objective=objective, seed=seed)  # the varied settings index the runs
                 assert relative_error(got.g_effect.values, alone.g_effect.values) < 1e-12
                 assert relative_error(got.risk.values, alone.risk.values) < 1e-12
     finally:
