@@ -170,11 +170,13 @@ def sweep(grid, *, base: Mapping[str, Any] | None = None, out, client=None, retr
         raise SweepError(f"{out} is a file; give a folder for the sweep's runs")
     index = _index(out, grid, base)
     todo = {run_name(s): s for s in configs if not (out / f"{run_name(s)}.nc").exists()}
-    owned = None
+    owned: list = []  # what this call opened, closed when it ends
     if client is None:
-        client, owned = _default_client()
+        client, cluster = _default_client()
+        owned = [client, cluster]
     elif isinstance(client, str):
         client = _connect(client)
+        owned = [client]
     out.mkdir(parents=True, exist_ok=True)
     for name, settings in ((run_name(s), s) for s in configs):
         index["runs"].setdefault(name, {"settings": settings, "status": "pending"})
@@ -201,9 +203,8 @@ def sweep(grid, *, base: Mapping[str, Any] | None = None, out, client=None, retr
             bar.update()
         bar.close()
     finally:
-        if owned is not None:
-            client.close()
-            owned.close()
+        for opened in owned:
+            opened.close()
     return load_sweep(out) if any(r["status"] == "done" for r in index["runs"].values()) else None
 
 
@@ -216,10 +217,21 @@ def _connect(address: str):
         raise SweepError(f"cannot reach the Dask scheduler at {address!r}: {err}") from None
 
 
-def load_sweep(out) -> xr.Dataset:
+LAZY_ABOVE = 64  # runs: a larger sweep opens lazily
+
+
+def _open_lazy(path: Path) -> xr.Dataset:
+    """A run file opened with dask-backed arrays (read when computed), checked against the schema."""
+    from .schema import annotate, validate
+
+    return validate(annotate(xr.open_dataset(path, engine="h5netcdf", chunks={})), where=str(path))
+
+
+def load_sweep(out, *, lazy: bool | None = None) -> xr.Dataset:
     """The finished runs of a sweep folder as one Dataset along ``run``, indexed by the settings that vary (a
     multi-index: ``.sel(objective="npo", beta=0.1)`` gives those runs over seeds, ``groupby("seed")`` works);
-    ``run_name`` holds each run's file name."""
+    ``run_name`` holds each run's file name. ``lazy`` (default: above 64 runs) opens the files with dask-backed
+    arrays, read when computed (``.compute()``, a plot)."""
     from .results import combine, load
 
     out = Path(out)
@@ -229,7 +241,8 @@ def load_sweep(out) -> xr.Dataset:
     runs = {name: r for name, r in json.loads(path.read_text())["runs"].items() if r["status"] == "done"}
     if not runs:
         raise SweepError(f"{out}: no finished run yet")
-    datasets = {name: load(out / f"{name}.nc") for name in runs}
+    lazy = len(runs) > LAZY_ABOVE if lazy is None else lazy
+    datasets = {name: (_open_lazy if lazy else load)(out / f"{name}.nc") for name in runs}
     stacked = combine(datasets, dim="run")
     keys = sorted({k for r in runs.values() for k in r["settings"]})
     varied = []

@@ -49,6 +49,8 @@ def test_a_sweep_gives_the_numbers_of_the_runs_done_one_by_one(client, target, w
                 assert relative_error(got.risk.values, alone.risk.values) < 1e-12
     finally:
         torch.set_num_threads(threads)
+    lazy = gl.load_sweep(tmp_path, lazy=True)  # what a large sweep gets: dask arrays, read when computed
+    assert lazy.g_effect.chunks is not None and lazy.compute().identical(ds)
     # by seed, as a sweep is read
     assert set(ds.groupby("seed").groups) == {0, 1}
     by_objective = ds.groupby("objective").mean().geffect.unlearning()

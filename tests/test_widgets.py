@@ -141,3 +141,21 @@ def test_background_messages_are_handled_on_the_loop_thread():
     seen = asyncio.run(asyncio.wait_for(main(), 30))
     assert [(kind, step) for kind, step, _ in seen] == [("step", i) for i in range(5)]
     assert {thread for _, _, thread in seen} == {threading.main_thread()}
+
+
+def test_the_compare_tab_loads_a_sweep_folder(short_runs, tmp_path):
+    """A sweep folder (the layout gl.sweep writes: run files and sweep.json) becomes runs named by their settings."""
+    import json
+
+    runs, _ = short_runs
+    index = {"spec": {}, "runs": {}}
+    for i, (name, ds) in enumerate(runs.items()):
+        gl.save(ds, tmp_path / f"run-{i}.nc")
+        index["runs"][f"run-{i}"] = {"settings": {"objective": name, "steps": 4}, "status": "done"}
+    (tmp_path / "sweep.json").write_text(json.dumps(index))
+    dash = gl.Dashboard()
+    names = dash.load_sweep(tmp_path)
+    assert names == ["objective=ga", "objective=npo+gd", "objective=wga"]
+    assert dash.compare_runs.value == tuple(names)
+    dash.draw_compare()
+    assert dash.compare_tab.figure is not None and "run" not in dash.compare_tab.store.runs[names[0]].dims

@@ -143,6 +143,10 @@ class Dashboard:
         """Draw the selected runs on shared axes (they must share steps, instances and layers)."""
         self.compare_tab.draw()
 
+    def load_sweep(self, folder) -> list[str]:
+        """Add the finished runs of a ``gl.sweep`` folder (named by their varied settings); returns the names."""
+        return self.compare_tab.load_sweep(folder)
+
     # ------------------------------------------------------------------ the Run tab
     def refresh_registry(self) -> None:
         """Offer objectives registered since the dashboard was built."""

@@ -8,6 +8,7 @@ import ipywidgets as W
 
 from .. import plots
 from ..results import combine
+from ..sweep import load_sweep
 from .common import STYLE, Log, RunStore
 
 
@@ -23,7 +24,24 @@ class CompareTab(W.VBox):
         self.button = W.Button(description="Compare", icon="columns")
         self.image = W.Image(format="png")
         self.button.on_click(log.guard("compare", lambda _: self.draw()))
-        super().__init__([W.HBox([self.run_choice, W.VBox([self.kind, self.cumulative, self.button])]), self.image])
+        self.sweep_folder = W.Text(placeholder="a gl.sweep folder", description="sweep", style=STYLE)
+        self.sweep_button = W.Button(description="Load sweep", icon="folder-open")
+        self.sweep_button.on_click(log.guard("load sweep", lambda _: self.load_sweep(self.sweep_folder.value)))
+        super().__init__([W.HBox([self.sweep_folder, self.sweep_button]),
+                          W.HBox([self.run_choice, W.VBox([self.kind, self.cumulative, self.button])]), self.image])
+
+    def load_sweep(self, folder) -> list[str]:
+        """Add every finished run of a sweep folder to the store, named by the settings it varies."""
+        sweep = load_sweep(folder)
+        per_run = [c for c in sweep.coords if sweep[c].dims == ("run",)]
+        varied = [c for c in per_run if c not in ("run", "run_name")]
+        names = []
+        for i in range(sweep.sizes["run"]):
+            one = sweep.isel(run=i)
+            label = " ".join(f"{c}={one[c].item()}" for c in varied) or str(one["run_name"].item())
+            names.append(self.store.add(one.drop_vars(per_run), label))
+        self.run_choice.value = tuple(names[:3])
+        return names
 
     def offer_runs(self, _added: str | None = None) -> None:
         """Offer the store's runs; when none is chosen yet, choose the first three."""
