@@ -3,9 +3,11 @@ forward passes over many instances."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
 
@@ -148,3 +150,16 @@ def check_tokenizer(model, tokenizer) -> None:
         raise TokenizerMismatchError(
             f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows: they do "
             "not belong together. Load the tokenizer saved with this model.")
+
+
+def check_number(name: str, value, *, whole: bool = False, zero: bool = False, optional: bool = False) -> None:
+    """One check for every numeric option: a finite number (a whole one where ``whole``), > 0 (>= 0 with
+    ``zero``), or None where ``optional``; the error names the option, the value and what is valid."""
+    if value is None and optional:
+        return
+    kind = "a whole number" if whole else "a finite number"
+    ok = not isinstance(value, bool) and isinstance(value, (int, np.integer) if whole else (int, float, np.number))
+    ok = ok and math.isfinite(float(value)) and (value >= 0 if zero else value > 0)
+    if not ok:
+        bound = ">= 0" if zero else "> 0"
+        raise ValueError(f"{name}={value!r} is not valid; use {kind} {bound}" + (" (or None)" if optional else ""))

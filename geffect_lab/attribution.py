@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from ._batching import captured_output, eval_mode, model_device, pad_id
+from ._batching import captured_output, check_number, eval_mode, model_device, pad_id
 from .data import encode, example_field, example_id
 from .engine.forward import answer_logp, hidden_at_answers
 from .engine.groups import find_blocks, layer_groups
@@ -142,6 +142,8 @@ def tokens(model, tokenizer, instances: Sequence[Any], target="answer_logprob", 
     ``Σ attribution − (F(x) − F(baseline))`` (raise ``n_steps`` when it is large: saturated models need more).
     Select a method with ``da.sel({"method": "integrated_gradients"})`` — ``sel(method=...)`` is xarray's own keyword.
     """
+    check_number("n_steps", n_steps, whole=True)
+    check_number("internal_batch_size", internal_batch_size, whole=True, optional=True)
     unknown = set(methods) - set(TOKEN_METHODS)
     if unknown:
         raise ValueError(f"unknown attribution method(s) {sorted(unknown)}; use {', '.join(TOKEN_METHODS)}")
@@ -254,6 +256,7 @@ def layers(model, tokenizer, instances: Sequence[Any], *, method: str = "gradien
 
     if method not in LAYER_METHODS:
         raise ValueError(f"unknown layer attribution method {method!r}; use {', '.join(LAYER_METHODS)}")
+    check_number("n_steps", n_steps, whole=True)
     instances = list(instances)
     batch = {k: v.to(model_device(model)) for k, v in encode(tokenizer, instances, template).items()}
     groups = layer_groups(model)

@@ -273,6 +273,12 @@ def estimate_memory(model_or_config, n_instances: int, seq_len: int, dtype=None,
     typically 5–20 %; glibc's heap on the CPU can keep much more resident), so plan with a margin, as
     :func:`auto_chunk_size`'s default budget does.
     """
+    from ._batching import check_number
+
+    for name, value in (("n_instances", n_instances), ("seq_len", seq_len), ("n_terms", n_terms), ("n_sets", n_sets)):
+        check_number(name, value, whole=True)
+    for name, value in (("chunk_size", chunk_size), ("n_samples", n_samples)):
+        check_number(name, value, whole=True, optional=True)
     shapes = model_shapes(model_or_config, seq_len, dtype)
     return _estimate(shapes, n_instances, per_token=per_token, pg=pg, n_terms=n_terms, chunk_size=chunk_size,
                      n_sets=n_sets, n_samples=n_samples, verify=verify)

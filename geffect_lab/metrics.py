@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._batching import check_tokenizer, chunks, eval_mode, log_probs, model_device, shifted, to_device
+from ._batching import check_number, check_tokenizer, chunks, eval_mode, log_probs, model_device, shifted, to_device
 from .data import PromptTemplate, encode, encode_pairs, example_field, example_id, resolve_template, spread
 from .results import flat_attrs
 from .schema import EVALUATION_METRICS, SCHEMA_VERSION, annotate, validate
@@ -485,6 +485,9 @@ def evaluate(model, tokenizer, world, forget: str = "forget05", *, retain_model=
     """
     import xarray as xr
 
+    check_number("batch_size", batch_size, whole=True)
+    check_number("n", n, whole=True, optional=True)
+    check_number("max_new_tokens", max_new_tokens, whole=True, optional=True)
     general = [s for s in (general if general is not None else ("real_authors", "world_facts")) if s in world]
     sets = {"targeted": spread(world.forget(forget), n), "non_targeted": spread(world[retain_split], n)}
     sets.update({name: spread(world[name], n) for name in general})

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from ._batching import swapped_parameters, trainable_parameters, update_direction
+from ._batching import check_number, swapped_parameters, trainable_parameters, update_direction
 from .data import encode, example_field, load_world, spread
 from .engine.api import Measurement, check_chunk_size, check_verify
 from .engine.groups import ModelStructureError
@@ -224,19 +224,6 @@ class _Attributor:
 
 
 # ---------------------------------------------------------------------------------------------- configuration
-def _positive(name: str, value, *, whole: bool = False, zero: bool = False, optional: bool = False) -> None:
-    """One check for every numeric option: a finite number (a whole one where ``whole``), > 0 (>= 0 with
-    ``zero``), or None where ``optional``; the error names the option, the value and what is valid."""
-    if value is None and optional:
-        return
-    kind = "a whole number" if whole else "a finite number"
-    ok = not isinstance(value, bool) and isinstance(value, (int, np.integer) if whole else (int, float, np.number))
-    ok = ok and math.isfinite(float(value)) and (value >= 0 if zero else value > 0)
-    if not ok:
-        bound = ">= 0" if zero else "> 0"
-        raise ValueError(f"{name}={value!r} is not valid; use {kind} {bound}" + (" (or None)" if optional else ""))
-
-
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that defines an unlearning run besides the model and the data, checked on creation and
@@ -275,14 +262,14 @@ class RunConfig:
         if str(self.optimizer).lower() not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; use 'sgd', 'adam' or 'adamw'")
         for name in ("batch_size", "record_every", "attribute_n_steps"):
-            _positive(name, getattr(self, name), whole=True)
+            check_number(name, getattr(self, name), whole=True)
         for name in ("steps", "eval_every", "max_new_tokens"):
-            _positive(name, getattr(self, name), whole=True, optional=True)
-        _positive("epochs", self.epochs, optional=True)
-        _positive("lr", self.lr)
-        _positive("weight_decay", self.weight_decay, zero=True)
-        _positive("warmup", self.warmup, whole=True, zero=True)
-        _positive("seed", self.seed, whole=True, zero=True)
+            check_number(name, getattr(self, name), whole=True, optional=True)
+        check_number("epochs", self.epochs, optional=True)
+        check_number("lr", self.lr)
+        check_number("weight_decay", self.weight_decay, zero=True)
+        check_number("warmup", self.warmup, whole=True, zero=True)
+        check_number("seed", self.seed, whole=True, zero=True)
         check_chunk_size(self.chunk_size)
         check_verify(self.verify)
         from .attribution import TOKEN_METHODS
@@ -669,7 +656,7 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
                        max_new_tokens=max_new_tokens, attribute_at=tuple(attribute_at or ()),
                        attribute_methods=tuple(attribute_methods), attribute_n_steps=attribute_n_steps, verify=verify)
     if save_every is not None:
-        _positive("save_every", save_every, whole=True)
+        check_number("save_every", save_every, whole=True)
         if out is None:
             raise ValueError("save_every needs out= (the file to write the partial results to)")
     out_path = check_output_path(out) if out is not None else None
