@@ -43,6 +43,54 @@ def check_device(device) -> torch.device:
     return dev
 
 
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
+          "bfloat16": torch.bfloat16}
+
+
+def check_dtype(dtype) -> torch.dtype | None:
+    """``dtype`` as a floating torch dtype (its name, e.g. ``"bfloat16"``, is accepted), or None."""
+    if dtype is None or dtype in DTYPES.values():
+        return dtype
+    name = str(dtype).replace("torch.", "")
+    if isinstance(dtype, str) and name in DTYPES:
+        return DTYPES[name]
+    raise ValueError(f"dtype={dtype!r} is not valid; use one of {', '.join(DTYPES)} (a name or a torch.dtype), "
+                     "or None to keep the model's")
+
+
+def check_model(model, what: str = "model") -> torch.nn.Module:
+    """Refuse what cannot be measured, by name: not a torch module (a name or a path given instead of a
+    loaded model), or parameters in several floating dtypes that meet in one matrix product (the forward
+    would fail deep inside torch). Adapters (LoRA keeps float32 weights on a bfloat16 base) and modules the
+    model itself keeps in float32 (transformers' ``_keep_in_fp32_modules``) may differ from the base."""
+    if not isinstance(model, torch.nn.Module):
+        hint = (f" (a name: load it first, e.g. gl.zoo.load({model!r}) or "
+                "AutoModelForCausalLM.from_pretrained)") if isinstance(model, (str, bytes)) else ""
+        raise TypeError(f"{what} must be a loaded torch model (a transformers causal LM), not "
+                        f"{type(model).__name__} {str(model)[:60]!r}{hint}")
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    dtypes: dict[torch.dtype, str] = {}
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and "lora_" not in name and "modules_to_save" not in name \
+                and not any(k in name.split(".") for k in keep):
+            dtypes.setdefault(p.dtype, name)
+    if len(dtypes) > 1:
+        found = ", ".join(f"{str(d).replace('torch.', '')} (e.g. {n})" for d, n in dtypes.items())
+        raise ValueError(f"the {what}'s parameters mix floating dtypes: {found}; a forward pass cannot multiply "
+                         f"them together. Cast the whole {what} to one, e.g. {what}.to(torch.float32)")
+    return model
+
+
+def check_tokenizer_type(tokenizer) -> None:
+    """A tokenizer object (not None, not a name): it must encode text and know its vocabulary size."""
+    if tokenizer is None or isinstance(tokenizer, (str, bytes)) or not callable(tokenizer) \
+            or not hasattr(tokenizer, "__len__"):
+        hint = f"; load it first, e.g. AutoTokenizer.from_pretrained({tokenizer!r})" if isinstance(tokenizer, str) \
+            else ""
+        raise TypeError(f"tokenizer must be a loaded tokenizer (a transformers PreTrainedTokenizer), not "
+                        f"{type(tokenizer).__name__} {str(tokenizer)[:60]!r}{hint}")
+
+
 @contextmanager
 def captured_output(module: torch.nn.Module | None) -> Iterator[list[torch.Tensor]]:
     """A list that receives ``module``'s output (its first element, for a block returning a tuple) at every

@@ -76,8 +76,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from . import zoo
     from .data import load_world
     from .objectives import resolve_objective
-    from .results import summarize
-    from .runs import RECORD_ALL, RunConfig, check_output_path
+    from .results import check_output_path, summarize
+    from .runs import RECORD_ALL, RunConfig
 
     params = _parse_params(args.param)
     resolve_objective(args.objective, params)  # fail on a bad objective or parameter before loading anything
@@ -103,8 +103,8 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     from .data import load_world
     from .objectives import resolve_objective
     from .replay import replay
-    from .results import save, summarize
-    from .runs import RunData, check_output_path
+    from .results import check_output_path, save, summarize
+    from .runs import RunData
 
     params = _parse_params(args.param)
     if args.objective is not None:

@@ -128,9 +128,18 @@ class RecordError(ValueError):
 def check_records(examples: Sequence[Any], role: str) -> list:
     """The records of one set, checked before any work: each has a non-empty text ``question`` and
     ``answer`` (never None: it would be trained on as the text "None"), and ids do not repeat."""
+    if isinstance(examples, (str, bytes)):
+        raise RecordError(f"{role} set is the text {examples!r}, not a list of examples; a split's name needs its "
+                          f"world: give world[{examples!r}] (world = gl.load_world())")
+    if isinstance(examples, Mapping):
+        raise RecordError(f"{role} set is a {type(examples).__name__} (keys {', '.join(map(str, list(examples)[:4]))}"
+                          f"…), not a list of examples; give one split's examples, e.g. world['forget05']")
     examples = list(examples)
     seen: dict[str, int] = {}
     for i, example in enumerate(examples):
+        if isinstance(example, (str, bytes)):
+            raise RecordError(f"{role} example {i} is the text {example[:60]!r}; each example is a record with a "
+                              "question and an answer: {'id': ..., 'question': ..., 'answer': ...} or gl.Example")
         ident = example_id(example, i)
         for name in ("question", "answer"):
             value = example_field(example, name, None)
@@ -376,7 +385,8 @@ def resolve_template(template: PromptTemplate | str | None) -> PromptTemplate:
         try:
             return TEMPLATES[template]
         except KeyError:
-            raise KeyError(f"unknown prompt template {template!r}; known: {', '.join(TEMPLATES)}") from None
+            raise ValueError(f"template={template!r} is not a known prompt template; use one of "
+                             f"{', '.join(TEMPLATES)}, or a gl.data.PromptTemplate") from None
     return template
 
 

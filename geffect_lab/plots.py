@@ -67,6 +67,20 @@ def _new(rows: int = 1, cols: int = 1, *, width: float = 5.2, height: float = 3.
     return fig, axes
 
 
+def _needs(ds, *variables: str, how: str = "", instance=None, step=None) -> None:
+    """Check a plot's input once, before drawing: a Dataset holding ``variables`` (``how``: how to record
+    them), and the ``instance``/``step`` asked for among its coordinates."""
+    if not isinstance(ds, xr.Dataset):
+        raise TypeError(f"plots take a results Dataset (gl.g_effect, gl.unlearn, gl.load …), not {type(ds).__name__}")
+    missing = [v for v in variables if v not in ds]
+    if missing:
+        raise KeyError(f"this Dataset has no {', '.join(missing)}" + (f" ({how})" if how else ""))
+    for dim, value in (("instance", instance), ("step", step)):
+        if value is not None and (dim not in ds.coords or value not in set(ds[dim].values.tolist())):
+            have = ds[dim].values.tolist()[:6] if dim in ds.coords else []
+            raise KeyError(f"{dim}={value!r} is not in this Dataset; its {dim} values include {have}")
+
+
 def _recorded(da: xr.DataArray) -> xr.DataArray:
     """Drop the steps where nothing was recorded (the run's last row holds only risks)."""
     other = [d for d in da.dims if d != "step"]
@@ -101,6 +115,7 @@ def g_effect_curves(ds: xr.Dataset, *, cumulative: bool = False, coarse: bool = 
     dashed. ``cumulative=True`` plots the first-order predicted risk change ``-Σ_{s<t} lr_s·e_s`` (solid)
     beside the measured ``R_t − R_0`` (dotted), which tells where the first-order picture holds.
     """
+    _needs(ds, "g_effect", "risk" if cumulative else "g_effect")
     acc = ds.geffect
     if cumulative:
         total = -acc.cumulative().sum("term", min_count=1)
@@ -148,6 +163,7 @@ def layer_heatmap(ds: xr.Dataset, *, split: str = "targeted", coarse: bool = Fal
     """Layer × step heatmap of the mean G-effect over a split's instances (diverging, centred on 0)."""
     import seaborn as sns
 
+    _needs(ds, var, "split")
     da = ds.geffect.coarse(var) if coarse else ds[var]
     da = _recorded(da.sum("term", min_count=1) if "term" in da.dims else da)
     mean = _split_mean(ds, da, split).transpose("layer", "step")
@@ -174,6 +190,7 @@ def instance_distributions(ds: xr.Dataset, *, step: int | None = None, title: st
     import pandas as pd
     import seaborn as sns
 
+    _needs(ds, "g_effect", "split", step=step)
     total = _recorded(ds.geffect.total())
     values = total.sel(step=step) if step is not None else total.mean("step")
     frame = pd.DataFrame({"G-effect": values.values, "split": ds["split"].values})
@@ -196,8 +213,7 @@ def instance_distributions(ds: xr.Dataset, *, step: int | None = None, title: st
 def pg_scatter(ds: xr.Dataset, *, step: int | None = None, title: str | None = None) -> Figure:
     """The paper's Fig. 5b: each forget sample's PG-effect on the targeted (x) against the non-targeted (y)
     risk, coloured by step. ``step`` keeps one step."""
-    if "pg_effect" not in ds:
-        raise KeyError("this Dataset has no pg_effect (record it with record=(..., 'pg_effect'))")
+    _needs(ds, "pg_effect", how="record it with record=(..., 'pg_effect')", step=step)
     pg = ds["pg_effect"]
     if step is not None:
         pg = pg.sel(step=[step])
@@ -231,6 +247,7 @@ def _run_dim(ds: xr.Dataset) -> str | None:
 
 def trajectory(ds: xr.Dataset, *, dim: str | None = None, title: str | None = None) -> Figure:
     """e_u (x) against e_r (y) step by step, one path per objective of a combined Dataset."""
+    _needs(ds, "g_effect", "split")
     dim = dim or _run_dim(ds)
     runs = _runs(ds, dim)
     fig, axes = _new(1, 1, width=5.4, height=4.4)
@@ -262,8 +279,7 @@ def token_strip(ds: xr.Dataset, instance: str, *, step: int = 0, cmap: str = "vl
     centred on 0; negative = the token's NLL rises under the update)."""
     import matplotlib as mpl
 
-    if "g_effect_token" not in ds:
-        raise KeyError("this Dataset has no g_effect_token (record it with record=(..., 'g_effect_token'))")
+    _needs(ds, "g_effect_token", how="record it with record=(..., 'g_effect_token')", instance=instance, step=step)
     row = ds["g_effect_token"].sel(instance=instance, step=step)
     texts = ds["token_text"].sel(instance=instance).values
     n = int(ds["token_count"].sel(instance=instance))
@@ -297,6 +313,7 @@ def compare(ds: xr.Dataset, *, dim: str | None = None, cumulative: bool = False,
     ``kind="overlay"``: one panel per split, one line per objective; ``kind="facet"``: one row per objective,
     unlearning and retaining in its two columns, every panel on the same y axis.
     """
+    _needs(ds, "g_effect", "split", *(["risk"] if cumulative else []))
     dim = dim or _run_dim(ds)
     runs = _runs(ds, dim)
     colors = _palette(len(runs))
@@ -343,6 +360,7 @@ def compare(ds: xr.Dataset, *, dim: str | None = None, cumulative: bool = False,
 def metric_curves(ds: xr.Dataset, *, title: str | None = None) -> Figure:
     """Forget quality (log scale), model utility, and the per-split means of the per-instance metrics, over
     the steps where they were recorded (``gl.unlearn(..., eval_every=k)``)."""
+    _needs(ds)
     scalars = [v for v in ("forget_quality", "model_utility") if v in ds and "step" in ds[v].dims]
     per_instance = [v for v in ("probability", "rouge_l", "truth_ratio_score", "extraction_strength")
                     if v in ds and "step" in ds[v].dims]
@@ -381,8 +399,8 @@ def _attribution_rows(source, instance, step, method):
         if instance is not None:
             da = da.sel(instance=[instance] if isinstance(instance, str) else list(instance))
         return da.values, da["prompt_token_text"].values, [str(i) for i in da["instance"].values]
-    if "token_attribution" not in source:
-        raise KeyError("this Dataset has no token_attribution (run gl.unlearn(..., attribute_at=[...]))")
+    _needs(source, "token_attribution", how="run gl.unlearn(..., attribute_at=[...])",
+           instance=instance if isinstance(instance, str) else None, step=step)
     da = source["token_attribution"].sel({"method": method})
     attributed = da.notnull().any(["instance", "prompt_token"])
     steps = [int(s) for s in da["step"].values[attributed.values]]
@@ -426,8 +444,7 @@ def token_attribution(source, *, instance=None, step: int | None = None, method:
 def layer_attribution(ds: xr.Dataset, instance: str, *, step: int | None = None, title: str | None = None) -> Figure:
     """For one instance and step: Captum's layer attribution of its answer (left) beside its layer G-effect
     (right), on the same layer axis. ``step`` defaults to the first attributed step."""
-    if "layer_attribution" not in ds:
-        raise KeyError("this Dataset has no layer_attribution (run gl.unlearn(..., attribute_at=[...]))")
+    _needs(ds, "layer_attribution", how="run gl.unlearn(..., attribute_at=[...])", instance=instance, step=step)
     attributed = ds["layer_attribution"].notnull().any(["instance", "layer"])
     steps = [int(s) for s in ds["step"].values[attributed.values]]
     step = steps[0] if step is None else step
@@ -478,6 +495,7 @@ def swept(ds: xr.Dataset, x: str, *, hue: str | None = None, seed: str = "seed",
     read it as a spread); ``hue`` draws one line per value of another setting (e.g. ``objective``)."""
     import pandas as pd
 
+    _needs(ds, var)
     if "run" not in ds.dims or x not in ds.coords:
         raise KeyError(f"swept() takes a sweep along 'run' with the setting {x!r} as a coordinate (gl.load_sweep)")
     if var == "g_effect":

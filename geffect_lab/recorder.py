@@ -32,12 +32,17 @@ from typing import Any
 
 import xarray as xr
 
-from ._batching import swapped_parameters, trainable_parameters, update_direction
+from ._batching import check_tokenizer_type, swapped_parameters, trainable_parameters, update_direction
 from .data import check_records
 from .engine.api import Measurement, check_chunk_size, check_verify
-from .results import StepTable
+from .results import StepTable, check_output_path, save
 
-__all__ = ["GEffectRecorder"]
+__all__ = ["GEffectRecorder", "RecordingError"]
+
+
+class RecordingError(RuntimeError):
+    """A measurement failed inside a training loop; every step recorded before it is kept (``dataset()``, and
+    the ``out`` file when given)."""
 
 
 class GEffectRecorder:
@@ -66,12 +71,17 @@ class GEffectRecorder:
         Target instances per engine pass (bounds memory).
     verify:
         As in :func:`geffect_lab.g_effect`: the first record checks the engine against one plain backward.
+    out:
+        A ``.nc`` file rewritten (atomically) after every recorded step, so a training that crashes or is
+        killed leaves every step recorded so far on disk.
     """
 
     def __init__(self, tokenizer, objective="ga", params: Mapping[str, Any] | None = None, *, forget: Sequence,
                  targets, retain: Sequence | None = None, refusals: Sequence[str] | None = None,
                  reference="initial", per_token: bool = True, pg: bool = False, every: int = 1,
-                 chunk_size: int | None = 16, template=None, verify: str = "first"):
+                 chunk_size: int | None = 16, template=None, verify: str = "first", out=None):
+        check_tokenizer_type(tokenizer)
+        self.out = check_output_path(out) if out is not None else None
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every={every!r} is not valid; use a whole number >= 1 (record every k-th step)")
         check_chunk_size(chunk_size)
@@ -92,6 +102,7 @@ class GEffectRecorder:
         self._measurement: Measurement | None = None
         self._table: StepTable | None = None
         self._attrs: dict[str, Any] = {}
+        self._running = False  # inside an HF Trainer's train(): between on_train_begin and on_train_end
 
     # ------------------------------------------------------------------ taking measurements
     def due(self, step: int) -> bool:
@@ -110,10 +121,18 @@ class GEffectRecorder:
     def _take(self, model, step: int, lr: float | None, extra=()) -> xr.Dataset:
         if self._table is not None and self._table.steps and step <= self._table.steps[-1]:
             raise ValueError(f"step {step} was given after step {self._table.steps[-1]}: steps must increase")
-        m = self._ready(model)
-        ds = m.measure(model, step, data=None if lr is None else {"learning_rate": float(lr)},
-                       per_token=self.per_token, pg=self.pg, chunk_size=self.chunk_size, extra=extra)
+        try:
+            m = self._ready(model)
+            ds = m.measure(model, step, data=None if lr is None else {"learning_rate": float(lr)},
+                           per_token=self.per_token, pg=self.pg, chunk_size=self.chunk_size, extra=extra)
+        except Exception as err:
+            kept = f"the {len(self)} recorded step(s) are in recorder.dataset()" + (
+                f" and in {self.out}" if self.out is not None and len(self) else "")
+            raise RecordingError(f"recording the G-effects at step {step} failed: {type(err).__name__}: {err} "
+                                 f"({kept})") from err
         self._table.add_dataset(ds)
+        if self.out is not None:
+            save(self.dataset(), self.out)
         return ds
 
     def record(self, model, step: int, lr: float | None = None) -> xr.Dataset | None:
@@ -149,8 +168,11 @@ class GEffectRecorder:
         at some steps (``learning_rate`` without ``lr``, ``update_effect`` outside :meth:`update`) is NaN there."""
         if not len(self):
             raise ValueError("nothing recorded yet: call record(model, step) (or use trainer_callback()) first")
+        ended = {"complete": 1} if not self._running else {
+            "complete": 0, "stop_reason": "the Trainer had not reached on_train_end (it raised, was stopped, or "
+                                          "is still running)"}
         return self._table.dataset({**self._attrs, "recorded_by": "GEffectRecorder", "record_every": self.every,
-                                    "complete": 1})
+                                    **ended})
 
     # ------------------------------------------------------------------ HF Trainer
     def trainer_callback(self, update_effect: bool = False):
@@ -167,6 +189,12 @@ class GEffectRecorder:
         class GEffectCallback(TrainerCallback):
             def __init__(self):
                 self._open = None
+
+            def on_train_begin(self, args, state, control, **kwargs):
+                recorder._running = True
+
+            def on_train_end(self, args, state, control, **kwargs):
+                recorder._running = False
 
             def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
                 if not update_effect:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from ._batching import check_device, check_dtype, check_tokenizer_type
 from .data import spread
 from .engine.api import Measurement, check_chunk_size
 from .results import StepTable
@@ -207,6 +208,11 @@ def replay(source, tokenizer=None, objective=None, params: Mapping[str, Any] | N
     Ctrl-C returns the checkpoints measured so far (``attrs["complete"] = 0``).
     """
     check_chunk_size(chunk_size)
+    dtype = check_dtype(dtype)
+    if device is not None:
+        check_device(device)
+    if tokenizer is not None:
+        check_tokenizer_type(tokenizer)
     checkpoints = find_checkpoints(source)
     ou = read_open_unlearning_run(source) if isinstance(source, (str, os.PathLike)) else None
     if base_model is None and ou is not None and ou.model_path and Path(ou.model_path).is_dir():

@@ -164,13 +164,47 @@ class StepTable:
 
 
 # ------------------------------------------------------------------------------------------- save / load
+def check_results_path(path) -> Path:
+    """A results file's path: a file name ending in ``.nc`` (results are netCDF), not an existing folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise OSError(f"cannot write results to {path}: it is a folder; give a file name such as run.nc")
+    if path.suffix != ".nc":
+        raise ValueError(f"cannot write results to {path}: results are netCDF files; give a name ending in .nc "
+                         f"(e.g. {path.with_suffix('.nc').name})")
+    return path
+
+
+def check_output_path(out) -> Path:
+    """The results path, checked without leaving anything behind: a file name (not a folder) whose nearest
+    existing parent folder takes a file (a probe written and removed). Missing folders are made when the first
+    result is saved."""
+    import tempfile
+
+    path = check_results_path(out)
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        if not parent.is_dir():
+            raise NotADirectoryError(f"{parent} is not a folder")
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise OSError(f"cannot write results to {path}: {err.strerror or err}. Choose another path "
+                      "(nothing was trained).") from None
+    return path
+
+
 def save(ds: xr.Dataset, path, *, atomic: bool = True) -> Path:
     """Write a results Dataset to netCDF (HDF5 via h5netcdf). With ``atomic`` the file appears complete or not
     at all (written beside it, then renamed). Returns the path."""
     import os
     import tempfile
 
-    path = Path(path)
+    if not isinstance(ds, xr.Dataset):
+        raise TypeError(f"save() takes a results Dataset, not {type(ds).__name__}")
+    path = check_results_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds = ds.copy()
     ds.attrs = flat_attrs(ds.attrs)
@@ -252,7 +286,11 @@ def combine(runs, dim: str = "objective", labels: Sequence[str] | None = None) -
         labels = [n if names.count(n) == 1 else f"{n}#{names[:i + 1].count(n)}" for i, n in enumerate(names)]
     labels = [str(x) for x in labels]
     if len(labels) != len(runs):
-        raise ValueError(f"{len(labels)} labels for {len(runs)} runs")
+        raise ValueError(f"{len(labels)} labels for {len(runs)} runs; give one label per run")
+    repeated = sorted({x for x in labels if labels.count(x) > 1})
+    if repeated:
+        raise ValueError(f"labels {repeated} repeat: each run needs its own label along {dim!r} (or .sel would "
+                         "pick several)")
     first = runs[0]
     for label, run in zip(labels[1:], runs[1:]):
         for name in _MUST_AGREE:

@@ -20,20 +20,26 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import xarray as xr
 
-from ._batching import check_number, swapped_parameters, trainable_parameters, update_direction
+from ._batching import (
+    check_model,
+    check_number,
+    check_tokenizer_type,
+    swapped_parameters,
+    trainable_parameters,
+    update_direction,
+)
 from .data import encode, example_field, load_world, spread
 from .engine.api import Measurement, check_chunk_size, check_verify
 from .engine.groups import ModelStructureError
 from .engine.offload import is_offloaded
 from .objectives import ObjectiveError, resolve_objective
-from .results import StepTable, save
+from .results import StepTable, check_output_path, save
 from .schema import INSTANCE_METRICS
 
 __all__ = ["unlearn", "RunConfig", "RECORD_ALL", "PAPER_PROTOCOL", "DEFAULTS", "select_eval", "RunStopped",
@@ -104,29 +110,6 @@ class _Stream:
 
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-
-
-def check_output_path(out) -> Path:
-    """The results path, checked without leaving anything behind: a file name (not a folder) whose nearest
-    existing parent folder takes a file (a probe written and removed). Missing folders are made when the first
-    result is saved."""
-    import tempfile
-
-    path = Path(out)
-    if path.is_dir():
-        raise OSError(f"cannot write results to {path}: it is a folder; give a file name such as run.nc")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    try:
-        if not parent.is_dir():
-            raise NotADirectoryError(f"{parent} is not a folder")
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as err:
-        raise OSError(f"cannot write results to {path}: {err.strerror or err}. Choose another path "
-                      "(nothing was trained).") from None
-    return path
 
 
 def _retain_reference(retain_model, retain_reference, world, forget, tokenizer):
@@ -266,6 +249,8 @@ class RunConfig:
         for name in ("steps", "eval_every", "max_new_tokens"):
             check_number(name, getattr(self, name), whole=True, optional=True)
         check_number("epochs", self.epochs, optional=True)
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError(f"steps={self.steps} and epochs={self.epochs} both set the run's length; give one of them")
         check_number("lr", self.lr)
         check_number("weight_decay", self.weight_decay, zero=True)
         check_number("warmup", self.warmup, whole=True, zero=True)
@@ -378,7 +363,8 @@ class _Run:
                              "initial model" if needs_ref else "none", precompute=False)
         self.params = trainable_parameters(self.work)
         if not self.params:
-            raise ObjectiveError("no parameter of the model requires grad: nothing to unlearn")
+            raise ObjectiveError("no parameter of the model requires grad: nothing to unlearn. Make the ones to "
+                                 "unlearn trainable (p.requires_grad_(True); for a PEFT model, its adapter)")
         self.opt = OPTIMIZERS[config.optimizer.lower()](self.params, lr=config.lr, weight_decay=config.weight_decay)
         self._schedule(config, len(data.forget))
         self.forget_stream = _Stream(data.forget, config.batch_size, config.seed)
@@ -655,6 +641,13 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
                        record=tuple(record), chunk_size=chunk_size, eval_every=eval_every,
                        max_new_tokens=max_new_tokens, attribute_at=tuple(attribute_at or ()),
                        attribute_methods=tuple(attribute_methods), attribute_n_steps=attribute_n_steps, verify=verify)
+    check_model(model)
+    check_tokenizer_type(tokenizer)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback={callback!r} is not callable; give a function callback(step, partial_dataset)")
+    if eval is not None and not isinstance(eval, Mapping):
+        raise TypeError(f"eval must map set names to examples, e.g. {{'targeted': world['forget05'], "
+                        f"'non_targeted': world['retain_perturbed']}}; got {type(eval).__name__}")
     if save_every is not None:
         check_number("save_every", save_every, whole=True)
         if out is None:

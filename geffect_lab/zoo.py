@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ._batching import TokenizerMismatchError, check_device, check_tokenizer, trim
+from ._batching import TokenizerMismatchError, check_device, check_dtype, check_tokenizer, trim
 from .data import data_dir, encode, load_world
 
 __all__ = ["ZooEntry", "Recipe", "ZOO", "list", "load", "build", "zoo_dir", "make_model", "train",
@@ -97,6 +97,7 @@ def load(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, d
 
     if device is not None:
         check_device(device)
+    dtype = check_dtype(dtype)
     name = str(name_or_path)
     if name in ZOO:
         path = zoo_dir() / name

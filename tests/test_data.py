@@ -122,5 +122,5 @@ def test_encode_other_answers_templates_and_bad_input(world, tokenizer):
     assert torch.equal(as_dicts["input_ids"], gl.encode(tokenizer, ex)["input_ids"])
     with pytest.raises(ValueError, match="empty"):
         gl.encode(tokenizer, [])
-    with pytest.raises(KeyError, match="unknown prompt template"):
+    with pytest.raises(ValueError, match="is not a known prompt template"):
         gl.encode(tokenizer, ex, template="chatml")

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 import xarray as xr
 
-from .._batching import eval_mode, trainable_parameters
+from .._batching import check_model, check_tokenizer_type, eval_mode, trainable_parameters
 from .._version import __version__
-from ..data import check_records, encode, example_field, example_id
+from ..data import World, check_records, encode, example_field, example_id
 from ..objectives import ObjectiveError, resolve_objective
 from ..results import Axes, effects_dataset
 from .core import Effects, ObjectiveGradient, fast_effects, reference_effects, target_risks, term_gradients
@@ -50,8 +50,14 @@ def prepare_targets(tokenizer, targets, template=None):
     """Encode the target sets into one batch: ``(batch, ids, split per instance, examples, set slices)``."""
     if targets is None:
         raise ObjectiveError("no targets: give targets={'targeted': forget_examples, 'non_targeted': retain_examples}")
+    if isinstance(targets, World):
+        raise ObjectiveError("targets is a whole World; give the sets to measure, e.g. {'targeted': "
+                             "world['forget05'], 'non_targeted': world['retain_perturbed']}")
     if not isinstance(targets, Mapping):
-        targets = {"targeted": targets}
+        targets = {"targeted": check_records(targets, "target set 'targeted'")}
+    if not targets:
+        raise ObjectiveError("targets={} names no target set; give targets={'targeted': forget_examples, "
+                             "'non_targeted': retain_examples}")
     examples, splits, slices = [], [], {}
     for name, items in targets.items():
         items = list(items)
@@ -153,6 +159,8 @@ class Measurement:
                  forget: Sequence, targets, retain: Sequence | None = None, refusals: Sequence[str] | None = None,
                  template=None, verify: str = "first"):
         self.verify = check_verify(verify)
+        check_model(model)
+        check_tokenizer_type(tokenizer)
         self._verified = False
         obj = resolve_objective(objective, params)
         self.objective = type(obj)(resolve_layers(model, obj.terms))
@@ -184,11 +192,11 @@ class Measurement:
         self.reference_label = ""
 
     def _encode(self, forget: Sequence, retain: Sequence | None) -> dict[str, Samples]:
-        sides = {"forget": encode_side(self.tokenizer, list(forget) if forget is not None else [],
+        sides = {"forget": encode_side(self.tokenizer, forget if forget is not None else [],
                                        refusals=self.refusals, need_refusal=self.needs_refusals,
                                        template=self.template)}
         if retain is not None:
-            sides["retain"] = encode_side(self.tokenizer, list(retain), template=self.template, role="retain")
+            sides["retain"] = encode_side(self.tokenizer, retain, template=self.template, role="retain")
         return sides
 
     def set_reference(self, reference, label: str = "given", *, precompute: bool = True) -> None:

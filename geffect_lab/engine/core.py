@@ -61,7 +61,8 @@ def term_gradients(model, objective: Objective, sides: dict[str, Samples], refer
     params = trainable_parameters(model)
     if not params:
         raise ObjectiveError("no parameter of the model requires grad; the G-effect is taken over the "
-                             "trainable parameters")
+                             "trainable parameters: make the ones to unlearn trainable (p.requires_grad_(True); "
+                             "for a PEFT model, its adapter)")
     grads, losses, sample_loss, sample_weight = [], [], None, None
     with eval_mode(model), torch.enable_grad():
         for term in objective.terms:

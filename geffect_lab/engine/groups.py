@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .._batching import check_model
 from ..schema import COARSE_GROUPS, coarse_map  # noqa: F401  (re-exported: the engine's public names)
 
 __all__ = ["LayerGroups", "layer_groups", "find_blocks", "ModelStructureError", "COARSE_GROUPS", "coarse_map"]
@@ -79,6 +80,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def layer_groups(model: nn.Module) -> LayerGroups:
     """Assign every parameter of ``model`` to one layer group (see the module's docstring)."""
+    check_model(model)
     meta = next((n for n, p in model.named_parameters() if p.device.type == "meta"), None)
     if meta is not None:
         from .offload import is_offloaded

@@ -244,7 +244,9 @@ def _coerce(name: str, key: str, value: Any, param: inspect.Parameter) -> Any:
     else:
         return value
     want = " or ".join(sorted(k for k in kinds if k not in ("None", "NoneType")))
-    raise ObjectiveError(f"objective {name!r}: parameter {key!r} must be {want}, got {value!r}")
+    example = {"float": "0.5", "int": "2", "bool": "true"}.get(want, "")
+    raise ObjectiveError(f"objective {name!r}: parameter {key!r} must be {want}, got {value!r}"
+                         + (f"; give e.g. {key}={example}" if example else ""))
 
 
 @dataclass(frozen=True)
