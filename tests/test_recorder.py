@@ -100,3 +100,67 @@ def test_hf_trainer_callback_records_each_global_step(setting, tmp_path, ga_trai
     predicted = -LR * ds.g_effect.sel(step=[0, 1]).sum(["layer", "term"]).values
     measured = ds.risk.diff("step").values
     assert relative_error(measured, predicted) < 0.01  # measured here: 0.3 %
+
+
+# ------------------------------------------------------------------------------- faults inside an HF Trainer
+def test_a_trainer_that_crashes_keeps_every_recorded_step(setting, tmp_path, ga_trainer):
+    """The loss raises at the Trainer's 4th step: the steps recorded before it stay in the recorder and in its
+    ``out`` file, marked incomplete."""
+    from tests.conftest import ga_loss
+
+    model, tok, forget, targets = setting
+    out = tmp_path / "recorded.nc"
+    rec = gl.GEffectRecorder(tok, "ga", forget=forget, targets=targets, per_token=False, out=out)
+    trainer = ga_trainer(copy.deepcopy(model), tok, forget, [rec.trainer_callback()], output_dir=str(tmp_path),
+                         max_steps=6, learning_rate=LR)
+    calls = {"n": 0}
+
+    def crashing_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("CUDA error: an illegal memory access (simulated)")
+        return ga_loss(model, inputs)
+
+    trainer.compute_loss = crashing_loss
+    with pytest.raises(RuntimeError, match="simulated"):
+        trainer.train()
+    ds = rec.dataset()
+    assert list(ds.step.values) == [0, 1, 2, 3]  # step 3 was recorded at its start, before its loss raised
+    assert ds.attrs["complete"] == 0 and "on_train_end" in ds.attrs["stop_reason"]
+    saved = gl.load(out)
+    np.testing.assert_array_equal(saved.g_effect.values, ds.g_effect.values)
+
+
+def test_a_measurement_that_fails_inside_a_trainer_names_its_step(setting, tmp_path, ga_trainer, monkeypatch):
+    """The measurement itself raises at the third record (say, out of memory): the Trainer stops with an error
+    naming the step, and the two recorded steps are kept."""
+    from geffect_lab.engine.api import Measurement
+    from geffect_lab.recorder import RecordingError
+
+    model, tok, forget, targets = setting
+    rec = gl.GEffectRecorder(tok, "ga", forget=forget, targets=targets, per_token=False, out=tmp_path / "r.nc")
+    original, calls = Measurement.measure, {"n": 0}
+
+    def failing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise MemoryError("out of memory (simulated)")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Measurement, "measure", failing)
+    trainer = ga_trainer(copy.deepcopy(model), tok, forget, [rec.trainer_callback(update_effect=True)],
+                         output_dir=str(tmp_path), max_steps=5, learning_rate=LR)
+    with pytest.raises(RecordingError, match=r"at step 2 failed: MemoryError: out of memory \(simulated\) \(the 2 "
+                                             r"recorded step\(s\) are in recorder.dataset\(\) and in .*r.nc\)"):
+        trainer.train()
+    assert list(rec.dataset().step.values) == [0, 1] and rec.dataset().attrs["complete"] == 0
+    assert list(gl.load(tmp_path / "r.nc").step.values) == [0, 1]
+
+
+def test_a_finished_trainer_run_is_complete(setting, tmp_path, ga_trainer):
+    model, tok, forget, targets = setting
+    rec = gl.GEffectRecorder(tok, "ga", forget=forget, targets=targets, per_token=False, every=2)
+    ga_trainer(copy.deepcopy(model), tok, forget, [rec.trainer_callback()], output_dir=str(tmp_path),
+               max_steps=3, learning_rate=LR).train()
+    ds = rec.dataset()
+    assert list(ds.step.values) == [0, 2] and ds.attrs["complete"] == 1 and "stop_reason" not in ds.attrs
