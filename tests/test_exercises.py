@@ -8,6 +8,7 @@ it is meant to stop at its checks: it cannot be one of the notebooks that run to
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.util
 import re
 import time
@@ -24,12 +25,18 @@ BUDGET_S = 120  # the notebook tests' SMOKE budget; one execution takes well und
 MARKER = re.compile(r"^# %% (exercise-\d+)\s*$", re.MULTILINE)
 
 
-def _notebook_client(nb, **kwargs):
-    """tests/test_notebooks.py's client (kernel channels polled in short slices), loaded from its file."""
+@functools.cache
+def _notebook_tests():
+    """tests/test_notebooks.py, loaded from its file (the tests are not a package)."""
     spec = importlib.util.spec_from_file_location("_notebook_tests", Path(__file__).with_name("test_notebooks.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module._notebook_client(nb, **kwargs)
+    return module
+
+
+def _notebook_client(nb, **kwargs):
+    """test_notebooks' nbclient client, whose kernel channels are polled in short slices (see its docstring)."""
+    return _notebook_tests()._notebook_client(nb, **kwargs)
 
 
 def _read():
