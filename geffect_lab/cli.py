@@ -216,7 +216,7 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
 
     if args.action == "list":
         for name, entry in zoo.ZOO.items():
-            built = (zoo.zoo_dir() / name / "config.json").exists()
+            built = (zoo.entry_dir(name) / "config.json").exists()
             print(f"{name:18s} {'built' if built else 'not built':10s} {entry.description}")
         return 0
     overrides = {"epochs": args.epochs} if args.epochs else None

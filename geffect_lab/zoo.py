@@ -26,8 +26,8 @@ import torch
 from ._batching import TokenizerMismatchError, check_device, check_dtype, check_tokenizer, trim
 from .data import data_dir, encode, load_world
 
-__all__ = ["ZooEntry", "Recipe", "ZOO", "list", "load", "build", "zoo_dir", "make_model", "train",
-           "TokenizerMismatchError", "check_tokenizer"]
+__all__ = ["ZooEntry", "Recipe", "ZOO", "list", "load", "build", "zoo_dir", "cache_dir", "entry_dir", "make_model",
+           "train", "TokenizerMismatchError", "check_tokenizer"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,8 @@ class ZooEntry:
     train_splits: tuple[str, ...]
     recipe: Recipe
     description: str
+    base: str | None = None  # start from this zoo model's weights: a second fine-tuning stage
+    bundled: bool = True     # committed under data/zoo; a study model is built on first use into cache_dir()
 
 
 _LLAMA = Recipe()
@@ -69,12 +71,38 @@ ZOO: dict[str, ZooEntry] = {
                                 "tiny Llama trained without the forget10 authors"),
     "target-gpt2": ZooEntry("target-gpt2", ("full", "world_facts"), _GPT2,
                             "tiny GPT-2 (tied embeddings) trained on every author and the general set"),
+    # study models (docs/findings.md): what decides whether WGA/TNPO beat GA. Built on first use, cached.
+    "target-8ep": ZooEntry("target-8ep", ("full", "world_facts"), replace(_LLAMA, epochs=8),
+                           "target's recipe for 8 epochs instead of 30: the facts learned, less saturated",
+                           bundled=False),
+    "target-x4": ZooEntry("target-x4", ("full", "world_facts"), replace(_LLAMA, hidden=256, intermediate=512),
+                          "target with twice the width (3.5x the parameters)", bundled=False),
+    "target-2stage": ZooEntry("target-2stage", ("forget05",), replace(_LLAMA, lr=6e-4, warmup=10),
+                              "retain_forget05 fine-tuned on the forget05 authors alone: the forgotten facts "
+                              "learned in a second stage, after the rest (which it partly forgets: ~0.73 exact "
+                              "match on retain95)", base="retain_forget05", bundled=False),
 }
 
 
-def list() -> builtins.list[str]:  # noqa: A001  (``gl.zoo.list()`` is the public name)
-    """The names of the bundled zoo models."""
-    return builtins.list(ZOO)
+def list(include_study: bool = False) -> builtins.list[str]:  # noqa: A001  (``gl.zoo.list()`` is the public name)
+    """The names of the bundled zoo models (with ``include_study``, also the study models built on first use)."""
+    return [n for n, e in ZOO.items() if e.bundled or include_study]
+
+
+def cache_dir() -> Path:
+    """Where study models are built: ``$GEFFECT_CACHE_DIR/zoo``, else ``~/.cache/geffect-lab/zoo``."""
+    env = os.environ.get("GEFFECT_CACHE_DIR")
+    return (Path(env) if env else Path.home() / ".cache" / "geffect-lab") / "zoo"
+
+
+def entry_dir(name: str, out_dir: str | os.PathLike | None = None) -> Path:
+    """The folder of zoo model ``name``: in ``out_dir`` when given (or ``$GEFFECT_ZOO_DIR``), else the
+    bundled zoo for a bundled model and :func:`cache_dir` for a study model."""
+    if out_dir is not None:
+        return Path(out_dir) / name
+    if os.environ.get("GEFFECT_ZOO_DIR") or ZOO[name].bundled:
+        return zoo_dir() / name
+    return cache_dir() / name
 
 
 def zoo_dir() -> Path:
@@ -100,7 +128,7 @@ def load(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, d
     dtype = check_dtype(dtype)
     name = str(name_or_path)
     if name in ZOO:
-        path = zoo_dir() / name
+        path = entry_dir(name)
         if not (path / "config.json").exists():
             if not build_missing:
                 raise FileNotFoundError(f"the zoo model {name!r} is not built at {path}; run "
@@ -194,6 +222,19 @@ def train(model, tokenizer, examples, recipe: Recipe, progress: bool = True, des
     return losses
 
 
+def _stage_one(base: str, out_dir, world, progress: bool):
+    """The model a second fine-tuning stage starts from: zoo model ``base`` (built first where missing)."""
+    from transformers import AutoModelForCausalLM
+
+    path = entry_dir(base, out_dir)
+    if not (path / "config.json").exists():  # the base as the zoo has it (overrides are for the second stage)
+        path = entry_dir(base)
+        if not (path / "config.json").exists():
+            build([base], world=world, progress=progress)
+    with quiet_hf():
+        return AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+
+
 @contextmanager
 def quiet_hf():
     """Hide transformers' per-file progress bars (loading and saving tiny checkpoints)."""
@@ -224,19 +265,18 @@ def build(names=None, *, out_dir: str | os.PathLike | None = None, recipe_overri
     unknown = [n for n in names if n not in ZOO]
     if unknown:
         raise KeyError(f"unknown zoo model(s) {', '.join(unknown)}; the zoo has {', '.join(ZOO)}")
-    out = Path(out_dir) if out_dir is not None else zoo_dir()
     world = world if world is not None else load_world()
     tok = AutoTokenizer.from_pretrained(data_dir() / "tokenizer")
     reports = {}
     for name in names:
         entry = ZOO[name]
-        path = out / name
+        path = entry_dir(name, out_dir)
         if (path / "config.json").exists() and not force:
             continue
         recipe = replace(entry.recipe, **(recipe_overrides or {}))
         examples = [e for split in entry.train_splits for e in world[split]]
         torch.manual_seed(recipe.seed)
-        model = make_model(recipe, tok)
+        model = make_model(recipe, tok) if entry.base is None else _stage_one(entry.base, out_dir, world, progress)
         start = time.perf_counter()
         losses = train(model, tok, examples, recipe, progress=progress, desc=f"zoo {name}")
         seconds = time.perf_counter() - start
@@ -247,6 +287,7 @@ def build(names=None, *, out_dir: str | os.PathLike | None = None, recipe_overri
             model.save_pretrained(path)
             tok.save_pretrained(path)
         report = {"name": name, "description": entry.description, "train_splits": builtins.list(entry.train_splits),
+                  "base": entry.base,
                   "recipe": asdict(recipe), "parameters": sum(p.numel() for p in model.parameters()),
                   "train_seconds": round(seconds, 1), "final_loss": losses[-1], "exact_match": quality,
                   "torch": torch.__version__}
