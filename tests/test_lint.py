@@ -30,13 +30,14 @@ def test_code_needs_no_python_newer_than_declared(tmp_path):
 
     vermin = shutil.which("vermin", path=str(Path(sys.executable).parent)) or shutil.which("vermin")
     assert vermin, "vermin is a dev dependency: pip install -e '.[dev]'"
-    for nb_path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+    for nb_path in sorted((ROOT / "notebooks").rglob("*.ipynb")):
         cells = [c.source for c in nbformat.read(nb_path, as_version=4).cells if c.cell_type == "code"]
         code = "\n\n".join("\n".join(line for line in src.splitlines() if not line.lstrip().startswith(("%", "!")))
                            for src in cells)
         ast.parse(code, filename=nb_path.name)  # vermin passes files it cannot parse
         (tmp_path / f"{nb_path.stem}.py").write_text(code)
-    targets = [str(ROOT / p) for p in ("geffect_lab", "tests", "data", "benchmarks", "docs")] + [str(tmp_path)]
+    folders = ("geffect_lab", "tests", "data", "benchmarks", "docs", "notebooks")
+    targets = [str(ROOT / p) for p in folders] + [str(tmp_path)]
     result = subprocess.run([vermin, "--no-tips", "--violations", "--eval-annotations", "-t=3.10-", *targets],
                             capture_output=True, text=True)
     assert result.returncode == 0 and "error:" not in result.stdout, result.stdout + result.stderr

@@ -158,6 +158,22 @@ def test_an_exception_in_the_callback_keeps_every_recorded_step(target, run_args
     assert "failed at step 2" in saved.attrs["stop_reason"]
 
 
+@pytest.mark.parametrize("at", [0, 2, 4])  # the first, a middle and the last call (the step of the last update)
+def test_an_exception_in_the_callback_at_any_step_keeps_what_was_recorded(target, run_args, at):
+    model, tok = target
+
+    def callback(step, partial):
+        assert list(partial.step.values) == list(range(step + 1))  # it sees every step so far
+        if step == at:
+            raise KeyError("a slip in the user's callback")
+
+    with pytest.raises(RunError, match=rf"failed at step {at}: KeyError") as caught:
+        gl.unlearn(model, tok, "ga", callback=callback, **run_args)
+    partial = caught.value.partial
+    assert list(partial.step.values) == list(range(at + 1)) and partial.attrs["complete"] == 0
+    assert np.isfinite(partial.g_effect.sel(step=at)).all()
+
+
 def test_an_exception_in_the_objective_keeps_every_recorded_step(target, run_args, scratch_objectives):
     model, tok = target
     calls = {"n": 0}
