@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-deps demo test test-fast lab zoo world lint clean
+.PHONY: install system-deps demo test test-fast lab zoo world findings lint clean
 
 install: $(STAMP)
 
@@ -45,6 +45,10 @@ zoo: install
 
 world: install
 	$(PY) data/generate_world.py
+
+# docs/findings.csv and the table of docs/findings.md: the sweeps over 8 seeds (resumable, in results/findings/)
+findings: install
+	$(PY) docs/findings_study.py
 
 lint: install
 	$(VENV)/bin/ruff check geffect_lab tests benchmarks data
