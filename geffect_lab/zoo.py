@@ -78,7 +78,8 @@ def list() -> builtins.list[str]:  # noqa: A001  (``gl.zoo.list()`` is the publi
 
 
 def zoo_dir() -> Path:
-    """Where zoo checkpoints live: ``$GEFFECT_ZOO_DIR``, else ``data/zoo``."""
+    """Where zoo checkpoints live: ``$GEFFECT_ZOO_DIR``, else ``zoo/`` of the bundled data folder
+    (:func:`geffect_lab.data.data_dir`: the wheel's package data, or the repository's ``data/``)."""
     env = os.environ.get("GEFFECT_ZOO_DIR")
     return Path(env) if env else data_dir() / "zoo"
 

@@ -80,11 +80,12 @@ def fresh_env(built, tmp_path_factory):
     py = env_dir / "bin" / "python"
     site = Path(subprocess.check_output(
         [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip())
-    (site / "_test_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     proc = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index",
                            str(wheel)],
                           capture_output=True, text=True, timeout=600, env=_clean_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # after the install, so that pip never sees (nor offers to replace) this environment's geffect-lab
+    (site / "_test_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return env_dir, site
 
 
@@ -121,6 +122,9 @@ def test_the_wheel_holds_the_data_and_nothing_of_the_checkout_else(built):
     assert tops == {"geffect_lab", f"geffect_lab-{version}.dist-info"}, tops
     entry_points = zipfile.ZipFile(wheel).read(f"geffect_lab-{version}.dist-info/entry_points.txt").decode()
     assert "geffect-lab = geffect_lab.cli:main" in entry_points
+    stated = re.search(r"The wheel is about (\d+\.\d) MB", (ROOT / "docs" / "install.md").read_text())
+    assert stated and abs(float(stated.group(1)) - size / 1e6) <= 0.3, (
+        f"docs/install.md states {stated and stated.group(1)} MB; the wheel is {size / 1e6:.1f} MB")
     print(f"wheel {wheel.name}: {size / 1e6:.1f} MB, {len(names)} files")
 
 
