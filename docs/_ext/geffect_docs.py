@@ -14,6 +14,8 @@ Checks, each a warning (an error under ``-W``): every public name of ``geffect_l
 public modules is documented in the API reference; every notebook has an executed copy, with the committed
 notebook's cells, with outputs and no error.
 
+The exercises notebooks (notebooks/exercises/) are copied into the site as shipped, without outputs.
+
 Notebooks link the site's pages from notebooks/ (``../docs/findings.md``); those links are rewritten for the
 notebooks' place in the site.
 
@@ -217,6 +219,17 @@ def check_notebooks(app, config):
                        type="geffect", subtype="notebook")
 
 
+def copy_exercises(app, config):
+    """The exercises notebooks, as shipped (stubs to fill, no outputs: tests/test_exercises.py runs them), are
+    pages of the site too; their solutions (``solutions.py``) are not."""
+    out = EXECUTED / "exercises"
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*.ipynb"):
+        stale.unlink()
+    for path in sorted((NOTEBOOKS / "exercises").glob("*.ipynb")):
+        (out / path.name).write_bytes(path.read_bytes())
+
+
 def notebook_links(app, docname, source):
     """A notebook links a page of the site as ``../docs/page.md`` (from notebooks/); rendered from
     docs/notebooks/ the same page is ``../page.md``."""
@@ -228,6 +241,7 @@ def setup(app):
     app.connect("source-read", notebook_links)
     app.connect("autodoc-process-docstring", numpydoc_name_lines, priority=100)
     app.connect("config-inited", check_notebooks)
+    app.connect("config-inited", copy_exercises)
     app.connect("env-check-consistency", check_api_coverage)
     app.add_directive("geffect-objectives", ObjectivesTable)
     app.add_directive("geffect-schema", SchemaTables)
