@@ -21,6 +21,7 @@ import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +37,26 @@ PACKAGE_ROOT = Path(__file__).resolve().parent
 
 
 def data_dir() -> Path:
-    """The bundled ``data/`` folder: ``$GEFFECT_DATA_DIR``, else the ``data/`` beside the package."""
+    """The bundled data folder (``world/``, ``tokenizer/``, ``zoo/``).
+
+    ``$GEFFECT_DATA_DIR`` when set; else the package data of an installed wheel (``geffect_lab/_data``, found
+    through :mod:`importlib.resources`); else the repository's ``data/`` beside the package (a checkout, an
+    editable install). The repository's ``data/`` is the one source: the wheel's copy is made from it.
+    """
     env = os.environ.get("GEFFECT_DATA_DIR")
-    path = Path(env) if env else PACKAGE_ROOT.parent / "data"
-    if not (path / "world").is_dir():
-        raise FileNotFoundError(
-            f"geffect-lab's bundled data folder was not found at {path}. Install the package from a source "
-            "checkout (pip install -e .) or set GEFFECT_DATA_DIR to the repository's data/ folder.")
-    return path
+    if env:
+        candidates = [Path(env)]
+    else:
+        packaged = resources.files(__package__) / "_data"
+        candidates = [Path(str(packaged)), PACKAGE_ROOT.parent / "data"]
+    for path in candidates:
+        if (path / "world").is_dir():
+            return path
+    raise FileNotFoundError(
+        "geffect-lab's bundled data folder was not found (looked in "
+        f"{' and '.join(str(p) for p in candidates)}). Reinstall the package (a wheel carries its data in "
+        "geffect_lab/_data), install it from a source checkout (pip install -e .), or set GEFFECT_DATA_DIR to "
+        "a folder holding world/, tokenizer/ and zoo/.")
 
 
 def tofu_dir() -> Path:

@@ -262,7 +262,7 @@ def rouge_l(model, tokenizer, examples, max_new_tokens: int | None = None, batch
 # ------------------------------------------------------------------------------ extraction strength
 def extraction_strength(model, tokenizer, examples, variant: str = "exact", threshold: float = 0.9,
                         batch_size: int = 64, template=None) -> np.ndarray:
-    """``[instance]``: ``ES = 1 − k*/|a|``, ``k*`` the shortest answer prefix (in tokens, 0 … |a|) from which
+    """``[instance]``: ``ES = 1 − k*/|a|``, ``k*`` the shortest answer prefix (in tokens, 0 … ``|a|``) from which
     greedy decoding reproduces the rest of the answer.
 
     ``variant="exact"``: the rest must come out token for token (computed from one teacher-forced pass: the
@@ -482,6 +482,14 @@ def evaluate(model, tokenizer, world, forget: str = "forget05", *, retain_model=
     a :class:`RetainReference`, whose truth ratios are computed once and cached — or ``retain_reference``, a
     TOFU ``eval_log_forget.json``), and ``model_utility`` (retain split and general sets). ``n`` keeps up to
     ``n`` instances per set, spread evenly.
+
+    Returns
+    -------
+    xarray.Dataset
+        An evaluation Dataset (no ``step``): ``probability``, ``truth_ratio``, ``truth_ratio_score``,
+        ``rouge_l``, ``exact_memorization``, ``extraction_strength``, ``generated_text`` [instance]
+        (``extraction_strength_similar`` [instance] with ``similar_es``), ``generation_truncated``
+        [instance]; ``forget_quality``, ``log10_forget_quality``, ``model_utility`` [] (scalars).
     """
     import xarray as xr
 
@@ -548,6 +556,7 @@ _OU_PREFIX = {"forget_": "targeted", "retain_": "non_targeted", "ra_": "real_aut
 _OU_METRIC = {"Q_A_Prob": ("probability", "prob"), "Q_A_Prob_normalised": ("probability", "prob"),
               "Q_A_ROUGE": ("rouge_l", "rougeL_recall"), "truth_ratio": ("truth_ratio", "score"),
               "Truth_Ratio": ("truth_ratio", "score")}
+_OU_TARGETED_ONLY = ("extraction_strength", "exact_memorization")  # forget-set metrics, keys without a prefix
 
 
 def read_open_unlearning(path, world=None, forget: str = "forget10", retain_split: str = "retain_perturbed"):
@@ -559,6 +568,13 @@ def read_open_unlearning(path, world=None, forget: str = "forget10", retain_spli
     ``exact_memorization`` are forget-set metrics. With a ``world`` the indices become its instance ids
     (``forget10/a180/q0``), otherwise ``forget/0`` … Scalars: ``forget_quality``, ``model_utility``, and every
     ``agg_value`` in the ``agg_values`` attr (JSON).
+
+    Returns
+    -------
+    xarray.Dataset
+        An evaluation Dataset (no ``step``): ``probability``, ``truth_ratio``, ``truth_ratio_score``,
+        ``rouge_l``, ``generated_text``, ``extraction_strength``, ``exact_memorization`` [instance] where the
+        file has them; ``forget_quality``, ``log10_forget_quality``, ``model_utility`` [] (scalars).
     """
     import xarray as xr
 
@@ -572,7 +588,7 @@ def read_open_unlearning(path, world=None, forget: str = "forget10", retain_spli
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     for key, entry in raw.items():
         split, metric = None, None
-        if key in ("extraction_strength", "exact_memorization"):
+        if key in _OU_TARGETED_ONLY:
             split, (var, field) = "targeted", (key, "score")
         else:
             for prefix, name in _OU_PREFIX.items():

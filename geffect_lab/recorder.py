@@ -138,7 +138,13 @@ class GEffectRecorder:
     def record(self, model, step: int, lr: float | None = None) -> xr.Dataset | None:
         """Measure at the model's current parameters (call it before the step's update) and keep the result as
         ``step``. ``lr``, the learning rate the coming update uses, makes ``ds.geffect.cumulative()`` work.
-        Returns the one-step Dataset, or None when ``step`` is not :meth:`due`."""
+
+        Returns
+        -------
+        xarray.Dataset or None
+            The one-step Dataset (as :meth:`dataset`, one ``step``: ``g_effect`` [step, instance, layer, term],
+            ``risk`` [step, instance], …), or None when ``step`` is not :meth:`due`.
+        """
         if not self.due(step):
             return None
         return self._take(model, step, lr)
@@ -165,7 +171,15 @@ class GEffectRecorder:
 
     def dataset(self) -> xr.Dataset:
         """Every recorded step in one Dataset (the schema of :func:`geffect_lab.unlearn`'s); a variable missing
-        at some steps (``learning_rate`` without ``lr``, ``update_effect`` outside :meth:`update`) is NaN there."""
+        at some steps (``learning_rate`` without ``lr``, ``update_effect`` outside :meth:`update`) is NaN there.
+
+        Returns
+        -------
+        xarray.Dataset
+            ``g_effect`` [step, instance, layer, term], ``g_effect_token`` [step, instance, token],
+            ``pg_effect`` [step, sample, against], ``update_effect`` [step, instance, layer], ``risk``
+            [step, instance], ``objective_loss`` [step], ``learning_rate`` [step].
+        """
         if not len(self):
             raise ValueError("nothing recorded yet: call record(model, step) (or use trainer_callback()) first")
         ended = {"complete": 1} if not self._running else {

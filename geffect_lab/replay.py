@@ -201,11 +201,15 @@ def replay(source, tokenizer=None, objective=None, params: Mapping[str, Any] | N
     per_token, pg, chunk_size, verify:
         As in :func:`geffect_lab.g_effect`. ``dtype``/``device``: applied to each checkpoint after loading.
 
-    Returns the run schema (``step`` = each checkpoint's global step, from ``trainer_state.json`` or the folder
-    name; ``learning_rate`` from the Trainer's ``log_history`` where it logged that step), plus
-    ``interval_effect`` [step, instance, layer] = ``⟨∇_l R_i(θ_a), θ_a − θ_b⟩`` at each checkpoint ``a`` with
-    the next one ``b`` (NaN at the last) and ``interval_risk_change`` [step, instance] = ``R_i(θ_b) − R_i(θ_a)``.
-    Ctrl-C returns the checkpoints measured so far (``attrs["complete"] = 0``).
+    Returns
+    -------
+    xarray.Dataset
+        The run schema of :func:`geffect_lab.unlearn` (``step`` = each checkpoint's global step, from
+        ``trainer_state.json`` or the folder name; ``learning_rate`` [step] from the Trainer's
+        ``log_history`` where it logged that step), plus ``interval_effect`` [step, instance, layer] =
+        ``⟨∇_l R_i(θ_a), θ_a − θ_b⟩`` at each checkpoint ``a`` with the next one ``b`` (NaN at the last) and
+        ``interval_risk_change`` [step, instance] = ``R_i(θ_b) − R_i(θ_a)``. Ctrl-C returns the checkpoints
+        measured so far (``attrs["complete"] = 0``).
     """
     check_chunk_size(chunk_size)
     dtype = check_dtype(dtype)

@@ -241,7 +241,14 @@ def _storable(value):
 def load(path) -> xr.Dataset:
     """Read a results file written by :func:`save` (fully into memory; the file is closed) and validate it
     against the schema. Every error names the path: no such file, not a netCDF/HDF5 file (or truncated), not a
-    geffect-lab file, another schema version, or content that does not fit the schema."""
+    geffect-lab file, another schema version, or content that does not fit the schema.
+
+    Returns
+    -------
+    xarray.Dataset
+        What was saved, dims as :mod:`geffect_lab.schema` declares them (e.g. ``g_effect`` [step, instance,
+        layer, term], ``risk`` [step, instance]).
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such results file")
@@ -275,6 +282,12 @@ def combine(runs, dim: str = "objective", labels: Sequence[str] | None = None) -
     ``against`` must be identical (the error names the first mismatch); ``term`` may differ (``npo`` beside
     ``npo+gd``): the union is taken and missing terms are NaN. Per-run attrs that differ are kept as a JSON
     list in ``{dim}_attrs``.
+
+    Returns
+    -------
+    xarray.Dataset
+        Every variable with ``dim`` in front of its own dims: ``g_effect`` [objective, step, instance, layer,
+        term], ``risk`` [objective, step, instance], … for the default ``dim="objective"``.
     """
     if isinstance(runs, Mapping):
         labels, runs = [str(k) for k in runs], list(runs.values())

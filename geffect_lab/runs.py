@@ -285,7 +285,13 @@ class RunConfig:
         return cls.from_json(ds.attrs["config"])
 
     def unlearn(self, model, tokenizer, **data) -> xr.Dataset:
-        """Run this configuration (``data``: the examples, world, reference and other non-config arguments)."""
+        """Run this configuration (``data``: the examples, world, reference and other non-config arguments).
+
+        Returns
+        -------
+        xarray.Dataset
+            As :func:`unlearn`: ``g_effect`` [step, instance, layer, term], ``risk`` [step, instance], …
+        """
         options = asdict(self)
         if options["forget"] == "custom":
             options.pop("forget")
@@ -633,6 +639,16 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
         Captum attributions of every evaluation instance's answer (:mod:`geffect_lab.attribution`):
         ``token_attribution`` [step, instance, prompt_token, method] with ``prompt_token_text``,
         ``layer_attribution`` [step, instance, layer] (the G-effect's layer names) and ``attribution_delta``.
+
+    Returns
+    -------
+    xarray.Dataset
+        The recorded steps (``step`` = the step before whose update each measurement is taken): ``g_effect``
+        [step, instance, layer, term], ``g_effect_token`` [step, instance, token], ``pg_effect``
+        [step, sample, against], ``update_effect`` [step, instance, layer] (those named in ``record``);
+        ``risk`` [step, instance], ``objective_loss`` [step], ``term_loss`` [step, term], ``sample_loss`` and
+        ``sample_weight`` [step, sample], ``learning_rate`` [step], ``token_count`` [instance]; the metrics and
+        attributions above when asked for. ``attrs["config"]`` is the run's :class:`RunConfig` as JSON.
     """
     obj = resolve_objective(objective, params)
     config = RunConfig(objective=obj.name, params=obj.params(), forget=forget if isinstance(forget, str) else "custom",

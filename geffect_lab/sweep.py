@@ -158,7 +158,14 @@ def sweep(grid, *, base: Mapping[str, Any] | None = None, out, client=None, retr
     as a task on a Dask ``client`` (default: a LocalCluster of up to 2 worker processes, one thread each), each
     run saved to ``out`` as it finishes. Runs already in ``out`` are skipped; a task that raises is retried
     ``retries`` times, then recorded as failed (with its traceback) in ``out/sweep.json`` while the others
-    finish. Returns :func:`load_sweep` of ``out`` (None when no run finished)."""
+    finish.
+
+    Returns
+    -------
+    xarray.Dataset or None
+        :func:`load_sweep` of ``out``: ``g_effect`` [run, step, instance, layer, term], ``risk`` [run, step,
+        instance], … (None when no run finished).
+    """
     from distributed import as_completed
     from tqdm.auto import tqdm
 
@@ -231,7 +238,14 @@ def load_sweep(out, *, lazy: bool | None = None) -> xr.Dataset:
     """The finished runs of a sweep folder as one Dataset along ``run``, indexed by the settings that vary (a
     multi-index: ``.sel(objective="npo", beta=0.1)`` gives those runs over seeds, ``groupby("seed")`` works);
     ``run_name`` holds each run's file name. ``lazy`` (default: above 64 runs) opens the files with dask-backed
-    arrays, read when computed (``.compute()``, a plot)."""
+    arrays, read when computed (``.compute()``, a plot).
+
+    Returns
+    -------
+    xarray.Dataset
+        The runs' variables with ``run`` in front of their own dims: ``g_effect`` [run, step, instance, layer,
+        term], ``risk`` [run, step, instance], ``objective_loss`` [run, step], …
+    """
     from .results import combine, load
 
     out = Path(out)

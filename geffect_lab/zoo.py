@@ -106,7 +106,8 @@ def entry_dir(name: str, out_dir: str | os.PathLike | None = None) -> Path:
 
 
 def zoo_dir() -> Path:
-    """Where zoo checkpoints live: ``$GEFFECT_ZOO_DIR``, else ``data/zoo``."""
+    """Where zoo checkpoints live: ``$GEFFECT_ZOO_DIR``, else ``zoo/`` of the bundled data folder
+    (:func:`geffect_lab.data.data_dir`: the wheel's package data, or the repository's ``data/``)."""
     env = os.environ.get("GEFFECT_ZOO_DIR")
     return Path(env) if env else data_dir() / "zoo"
 

@@ -110,9 +110,13 @@ def g_effect(model, tokenizer, objective="ga", params: Mapping[str, Any] | None 
         :class:`~geffect_lab.engine.core.EngineCheckError` naming the layer and its module types on a mismatch;
         costs one backward. ``"never"`` skips it.
 
-    Returns an xarray Dataset with DESIGN.md §4's names: ``g_effect`` [step, instance, layer, term],
-    ``g_effect_token`` [step, instance, token], ``pg_effect`` [step, sample, against], ``risk``,
-    ``objective_loss``. Sign convention: ``dR ≈ -lr · g_effect``.
+    Returns
+    -------
+    xarray.Dataset
+        One ``step``, DESIGN.md §4's names: ``g_effect`` [step, instance, layer, term], ``g_effect_token``
+        [step, instance, token] (with ``token_text``), ``pg_effect`` [step, sample, against], ``risk``
+        [step, instance], ``objective_loss`` [step], ``term_loss`` [step, term], ``sample_loss`` and
+        ``sample_weight`` [step, sample], ``token_count`` [instance]. Sign convention: ``dR ≈ -lr · g_effect``.
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
@@ -294,13 +298,28 @@ class Measurement:
     def dataset(self, model, effects: Effects, step: int, data=None, engine: str = "fast",
                 samples: Sequence[str] | None = None) -> xr.Dataset:
         """A one-step Dataset from :meth:`effects` (taken on the forget ``samples``, by default all of them),
-        with ``data`` (e.g. ``learning_rate``) added."""
+        with ``data`` (e.g. ``learning_rate``) added.
+
+        Returns
+        -------
+        xarray.Dataset
+            ``g_effect`` [step, instance, layer, term], ``g_effect_token`` [step, instance, token] (when
+            measured), ``pg_effect`` [step, sample, against] (when measured), ``risk`` [step, instance],
+            ``objective_loss`` [step], ``term_loss`` [step, term], ``sample_loss`` [step, sample], and ``data``.
+        """
         if samples is not None and list(samples) != self.sample_ids:
             effects = on_sample_axis(effects, samples, self.sample_ids)
         return effects_dataset(effects, self.axes, step=step, attrs=self.attrs(model, engine), data=data)
 
     def measure(self, model, step: int = 0, engine: str = "fast", data=None, **kwargs) -> xr.Dataset:
-        """:meth:`effects` as a one-step Dataset."""
+        """:meth:`effects` as a one-step Dataset.
+
+        Returns
+        -------
+        xarray.Dataset
+            As :meth:`dataset` (one ``step``): ``g_effect`` [step, instance, layer, term], ``risk``
+            [step, instance], ``objective_loss`` [step], …
+        """
         sides = kwargs.get("sides")
         samples = sides["forget"].ids if sides is not None else None
         return self.dataset(model, self.effects(model, engine=engine, **kwargs), step, data, engine, samples)
