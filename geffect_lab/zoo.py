@@ -72,9 +72,9 @@ ZOO: dict[str, ZooEntry] = {
     "target-gpt2": ZooEntry("target-gpt2", ("full", "world_facts"), _GPT2,
                             "tiny GPT-2 (tied embeddings) trained on every author and the general set"),
     # study models (docs/findings.md): what decides whether WGA/TNPO beat GA. Built on first use, cached.
-    "target-8ep": ZooEntry("target-8ep", ("full", "world_facts"), replace(_LLAMA, epochs=8),
-                           "target's recipe for 8 epochs instead of 30: the facts learned, less saturated",
-                           bundled=False),
+    "target-15ep": ZooEntry("target-15ep", ("full", "world_facts"), replace(_LLAMA, epochs=15),
+                            "target's recipe for 15 epochs instead of 30: the facts learned (0.94 exact match on "
+                            "forget05), less saturated (final loss 0.02 against 4e-4)", bundled=False),
     "target-x4": ZooEntry("target-x4", ("full", "world_facts"), replace(_LLAMA, hidden=256, intermediate=512),
                           "target with twice the width (3.5x the parameters)", bundled=False),
     "target-2stage": ZooEntry("target-2stage", ("forget05",), replace(_LLAMA, lr=6e-4, warmup=10),

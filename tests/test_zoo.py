@@ -95,3 +95,22 @@ def test_a_tokenizer_that_does_not_fit_is_refused(tmp_path, tokenizer):
     bigger.save_pretrained(tmp_path / "tok")
     with pytest.raises(zoo.TokenizerMismatchError, match=r"1074 tokens .* 1024 rows"):
         gl.zoo.load("target", tokenizer=tmp_path / "tok")
+
+
+def test_study_models_are_built_on_first_use_into_the_cache(tmp_path, monkeypatch):
+    """Study models (docs/findings.md) are not bundled: they live in the cache folder, and a second-stage model
+    starts from its base's weights."""
+    assert "target-2stage" not in gl.zoo.list() and "target-2stage" in gl.zoo.list(include_study=True)
+    monkeypatch.delenv("GEFFECT_ZOO_DIR", raising=False)
+    monkeypatch.setenv("GEFFECT_CACHE_DIR", str(tmp_path / "cache"))
+    assert zoo.entry_dir("target-2stage") == tmp_path / "cache" / "zoo" / "target-2stage"
+    assert zoo.entry_dir("target") == zoo.zoo_dir() / "target"
+    # one epoch at a vanishing learning rate: the second stage leaves its base's weights as they were
+    zoo.build(["target-2stage"], out_dir=tmp_path / "z", recipe_overrides={"epochs": 1, "lr": 1e-12},
+              progress=False)
+    built = load_file(tmp_path / "z" / "target-2stage" / "model.safetensors")
+    base = load_file(zoo.entry_dir("retain_forget05") / "model.safetensors")
+    assert built.keys() == base.keys()
+    assert all(torch.allclose(built[k], base[k], atol=1e-6) for k in base)
+    report = json.loads((tmp_path / "z" / "target-2stage" / "zoo.json").read_text())
+    assert report["base"] == "retain_forget05" and report["train_splits"] == ["forget05"]
