@@ -86,3 +86,19 @@ def test_missing_variables_are_named(short_runs, target, world):
         plots.pg_scatter(bare)
     with pytest.raises(KeyError, match="eval_every"):
         plots.metric_curves(bare)
+
+
+@pytest.mark.slow
+def test_the_readme_figure(target, world):
+    """The README's figure: GA with gl.unlearn's defaults on forget05, the paper's two panels (written to
+    docs/figure_g_effect.png)."""
+    from pathlib import Path
+
+    model, tok = target
+    ds = gl.unlearn(model, tok, "ga", world=world, record=("g_effect",), progress=False)
+    fig = plots.g_effect_curves(ds, title="GA on forget05 (the zoo's target, gl.unlearn's defaults)")
+    left, right = fig.axes[:2]
+    assert (_lines(left)["total"].get_ydata() < 0).all()  # GA raises the forget risk at every step
+    png = plots.figure_png(fig, dpi=110)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    (Path(__file__).resolve().parents[1] / "docs" / "figure_g_effect.png").write_bytes(png)
