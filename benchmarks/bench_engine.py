@@ -12,7 +12,7 @@ with the objective's forget batch of 16 forget05 instances:
   gradient included;
 - ``+ built-in check``: the same with ``verify="first"`` (the default of a measurement's first call): one more
   plain backward over the targets, whose per-layer totals the fast engine's must match;
-- ``fast (all)``: the same plus per-token G-effects and the PG-effect per objective sample;
+- ``fast (all)``: the same plus per-token G-effects and the per-sample PG-effect and sample effect;
 - ``reference``: the per-instance autograd loop (per instance × layer × term, the oracle).
 
 Prints times and peak memory as ratios to ``plain f+b``; absolute numbers depend on the machine.

@@ -7,7 +7,7 @@ Zoo `target`, NPO on forget05, batch 16, 10 steps, 32 targeted + 32 non-targeted
 - ``no recording``: the same optimisation, recording nothing per step (risks at the start and the end only);
 - ``g_effect``: per instance × layer × term G-effects every step (``every 2``: every other step);
 - ``+ update_effect``: and the optimiser's actual step, in the same pass;
-- ``everything``: also per-token G-effects and the PG-effect per forget sample (the default).
+- ``everything``: also per-token G-effects and the per-sample PG-effect and sample effect (the default).
 
 Prints wall time per run and its ratio to ``no recording``, measured side by side in one process.
 """

@@ -58,7 +58,7 @@ def exactness(model64, tok, sets, dtype) -> dict:
     low = _copy(model64, dtype)
     fast = gl.g_effect(low, tok, "npo+gd", **args)
     del low
-    return {k: relative_error(fast[k], ref[k]) for k in ("g_effect", "g_effect_token", "pg_effect")}
+    return {k: relative_error(fast[k], ref[k]) for k in ("g_effect", "g_effect_token", "pg_effect", "sample_effect")}
 
 
 def _copy(model, dtype):

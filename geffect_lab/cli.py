@@ -255,9 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Unlearn a forget split with an objective, recording at every step (before the update) "
                     "the G-effects on 32 targeted (forget) and 32 held-out non-targeted (retain) instances: "
-                    "per instance x layer x term, per answer token, per objective sample (PG-effect), and the "
-                    "optimiser's actual step (update effect). Sign: dR ~ -lr * g_effect, so a negative "
-                    "unlearning G-effect means the forget risk rises.",
+                    "per instance x layer x term, per answer token, per forget sample (PG-effect, sample "
+                    "effect), and the optimiser's actual step (update effect). Sign: dR ~ -lr * g_effect, so a "
+                    "negative unlearning G-effect means the forget risk rises.",
         epilog=f"objectives (forget terms, then regularisers for '+'):\n{lines}\n\n"
                "examples:\n  geffect-lab run --objective npo --param beta=0.1 --steps 30 -o results/npo.nc\n"
                "  geffect-lab run --objective 'npo+0.5*gd' -o results/npo_gd.nc\n"
@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "for an open-unlearning folder)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: saved with the checkpoints)")
     p.add_argument("--base-model", default=None, help="base model folder, for PEFT adapter checkpoints")
-    p.add_argument("--no-pg", action="store_true", help="skip the PG-effect")
+    p.add_argument("--no-pg", action="store_true", help="skip the per-sample PG-effect and sample effect")
     p.add_argument("--no-per-token", action="store_true", help="skip the per-token G-effects")
     p.add_argument("-o", "--output", default=None, help="netCDF file to write (e.g. replay.nc)")
     p.set_defaults(func=_cmd_replay)

@@ -251,7 +251,8 @@ def estimate_memory(model_or_config, n_instances: int, seq_len: int, dtype=None,
        at the end of the forward. With ``pg`` the backward also yields the chunk's parameter gradient, summed
        per set: during the last set's passes the earlier sets' gradients, the set's accumulator and the
        previous pass's gradient are held (up to ``(n_sets + 1) × G``).
-    3. *PG-effect* (``pg``): one pass over the forget samples against the ``n_sets`` risk gradients.
+    3. *PG-effect* (``pg``): two passes over the forget samples (their losses for ``sample_effect``, their answer
+       log-likelihoods for ``pg_effect``), one after the other, against the ``n_sets`` risk gradients.
     4. *Verify*: one plain forward and backward per chunk of targets, its gradient (``G``) summed into a
        float32 one (float64 for a float64 model).
 

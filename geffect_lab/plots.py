@@ -13,7 +13,8 @@ function                    shows
                             per coarse layer group; ``cumulative=True``: Σ lr·e beside the measured risk change
 ``layer_heatmap``           layer × step, diverging, centred on 0
 ``instance_distributions``  per-instance G-effects per split
-``pg_scatter``              PG-effect per objective sample: unlearning vs retaining (the paper's Fig. 5b)
+``pg_scatter``              PG-effect per forget sample: unlearning vs retaining (the paper's Fig. 5b);
+                            ``var="sample_effect"``: each sample's share of the objective's G-effect
 ``trajectory``              e_u against e_r along the run, one path per objective
 ``token_strip``             an answer's text, each token coloured by its G-effect
 ``compare``                 several objectives (a combined Dataset) with shared axes, facets or overlay
@@ -210,11 +211,17 @@ def instance_distributions(ds: xr.Dataset, *, step: int | None = None, title: st
     return fig
 
 
-def pg_scatter(ds: xr.Dataset, *, step: int | None = None, title: str | None = None) -> Figure:
-    """The paper's Fig. 5b: each forget sample's PG-effect on the targeted (x) against the non-targeted (y)
-    risk, coloured by step. ``step`` keeps one step."""
-    _needs(ds, "pg_effect", how="record it with record=(..., 'pg_effect')", step=step)
-    pg = ds["pg_effect"]
+def pg_scatter(ds: xr.Dataset, *, step: int | None = None, title: str | None = None,
+               var: str = "pg_effect") -> Figure:
+    """The paper's Fig. 5b: each forget sample's PG-effect (``pg_effect``, the G-effect of its own answer
+    log-likelihood) on the targeted (x) against the non-targeted (y) risk, coloured by step. ``step`` keeps one
+    step; ``var="sample_effect"`` plots each sample's weighted share of the objective's G-effect instead."""
+    if var not in ("pg_effect", "sample_effect"):
+        raise ValueError(f"var={var!r}: use 'pg_effect' (the paper's) or 'sample_effect'")
+    old = "; a file of results schema version 1 holds sample_effect only: measure again, or plot " \
+          "var='sample_effect'" if var == "pg_effect" and isinstance(ds, xr.Dataset) and "sample_effect" in ds else ""
+    _needs(ds, var, how=f"record it with record=(..., {var!r}){old}", step=step)
+    pg = ds[var]
     if step is not None:
         pg = pg.sel(step=[step])
     frame = pg.to_dataset(dim="against").to_dataframe().dropna(subset=["targeted", "non_targeted"])
@@ -228,9 +235,10 @@ def pg_scatter(ds: xr.Dataset, *, step: int | None = None, title: str | None = N
             np.abs(frame["targeted" if axis == "x" else "non_targeted"]).replace(0, np.nan), 10)), 1e-12)})
     ax.axhline(0, color="0.6", lw=0.8)
     ax.axvline(0, color="0.6", lw=0.8)
-    ax.set_xlabel("PG-effect on the targeted risk (unlearning)", color=UNLEARNING)
-    ax.set_ylabel("PG-effect on the non-targeted risk (retaining)", color=RETAINING)
-    ax.set_title(title or f"{ds.attrs.get('objective', '')}: per-sample PG-effects")
+    what = "PG-effect" if var == "pg_effect" else "sample effect"
+    ax.set_xlabel(f"{what} on the targeted risk (unlearning)", color=UNLEARNING)
+    ax.set_ylabel(f"{what} on the non-targeted risk (retaining)", color=RETAINING)
+    ax.set_title(title or f"{ds.attrs.get('objective', '')}: per-sample {what}s")
     return fig
 
 

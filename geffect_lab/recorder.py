@@ -64,7 +64,7 @@ class GEffectRecorder:
         ``"initial"`` (default): the model as it is at the first recorded step, frozen — only the quantities
         the objective reads from it are kept, not a copy of the model. A model: that frozen reference.
     per_token, pg:
-        Also record per-token G-effects and the PG-effect per forget sample.
+        Also record per-token G-effects and, per forget sample, the paper's PG-effect and the sample effect.
     every:
         Record at steps ``0, every, 2·every, …``; :meth:`record` ignores other steps.
     chunk_size:

@@ -22,6 +22,7 @@ from .schema import (
     SchemaError,
     annotate,
     coarse_map,
+    upgrade,
     validate,
 )
 
@@ -58,6 +59,7 @@ class Axes:
     against: list[str]
     token_texts: list[list[str]]
     token_width: int
+    sample_token_count: list[int] | None = None         # answer tokens of each forget sample
     prompt_token_texts: list[list[str]] | None = None   # for token attributions (prompt positions)
     methods: list[str] | None = None                    # attribution methods
 
@@ -98,6 +100,8 @@ def make_dataset(axes: Axes, steps: Sequence[int], data: Mapping[str, np.ndarray
     data_vars = {name: (VARIABLES[name].dims, np.asarray(values)) for name, values in data.items()
                  if values is not None}
     data_vars["token_count"] = (("instance",), np.asarray(token_count, dtype=np.int64))
+    if axes.sample_token_count is not None:
+        data_vars["sample_token_count"] = (("sample",), np.asarray(axes.sample_token_count, dtype=np.int64))
     ds = xr.Dataset(data_vars, coords=axes.coords(steps))
     base = {"schema_version": SCHEMA_VERSION, "sign_convention": SIGN_CONVENTION}
     ds.attrs.update(flat_attrs({**base, **(attrs or {})}))
@@ -116,6 +120,7 @@ def effects_dataset(effects, axes: Axes, step: int = 0, attrs: Mapping[str, Any]
         "term_loss": effects.term_loss[None],
         "sample_loss": effects.sample_loss[None],
         "pg_effect": None if effects.pg_effect is None else effects.pg_effect[None],
+        "sample_effect": None if effects.sample_effect is None else effects.sample_effect[None],
         "sample_weight": None if effects.sample_weight is None else effects.sample_weight[None],
         "update_effect": None if effects.extra is None else effects.extra[None, ..., 0],
         **{name: np.asarray(value)[None] for name, value in (data or {}).items()},
@@ -241,7 +246,9 @@ def _storable(value):
 def load(path) -> xr.Dataset:
     """Read a results file written by :func:`save` (fully into memory; the file is closed) and validate it
     against the schema. Every error names the path: no such file, not a netCDF/HDF5 file (or truncated), not a
-    geffect-lab file, another schema version, or content that does not fit the schema.
+    geffect-lab file, another schema version, or content that does not fit the schema. A file of an older
+    version that can be read is read under this version's names, with a warning that says what moved
+    (:func:`geffect_lab.schema.upgrade`).
 
     Returns
     -------
@@ -263,11 +270,7 @@ def load(path) -> xr.Dataset:
     version = ds.attrs.get("schema_version")
     if version is None:
         raise SchemaError(f"{path} is not a geffect-lab results file (it has no schema_version attribute)")
-    if int(version) != SCHEMA_VERSION:
-        raise SchemaError(f"{path} was written with results schema version {int(version)}; this geffect-lab "
-                          f"reads schema version {SCHEMA_VERSION}. Re-run it, or load it with the geffect-lab "
-                          "release that wrote it.")
-    return validate(annotate(ds), where=str(path))
+    return validate(annotate(upgrade(ds, where=str(path))), where=str(path))
 
 
 # ------------------------------------------------------------------------------------------- combine

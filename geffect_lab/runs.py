@@ -2,10 +2,11 @@
 
 At every recorded step t, *before* the update, the engine measures on the evaluation instances — targeted
 (forget) and non-targeted (held-out retain) — the G-effects of the objective per instance × layer × term,
-per answer token, and per objective sample (the PG-effect), with the very gradient the optimiser is about to
-use. After the update it records the ``update_effect``: the same inner product with the optimiser's actual
-step ``-Δθ_t / lr_t``, measured at θ_t in the same pass (under SGD it equals the G-effect; under Adam it
-shows what the preconditioner does). A last step row holds the risks after the final update.
+per answer token, and per forget sample (the paper's PG-effect and the sample's share of the forget term's
+G-effect), with the very gradient the optimiser is about to use. After the update it records the
+``update_effect``: the same inner product with the optimiser's actual step ``-Δθ_t / lr_t``, measured at θ_t
+in the same pass (under SGD it equals the G-effect; under Adam it shows what the preconditioner does). A last
+step row holds the risks after the final update.
 
 Defaults reproduce the paper's protocol in miniature (see :data:`PAPER_PROTOCOL`).
 """
@@ -45,7 +46,8 @@ from .schema import INSTANCE_METRICS
 __all__ = ["unlearn", "RunConfig", "RECORD_ALL", "PAPER_PROTOCOL", "DEFAULTS", "select_eval", "RunStopped",
            "RunError"]
 
-RECORD_ALL = ("g_effect", "g_effect_token", "pg_effect", "update_effect")
+RECORD_ALL = ("g_effect", "g_effect_token", "pg_effect", "sample_effect", "update_effect")
+PER_SAMPLE = ("pg_effect", "sample_effect")  # both come from the passes over the forget samples
 
 # The paper's TOFU protocol (Llama-2-7B) beside this package's defaults on the bundled world.
 PAPER_PROTOCOL = {
@@ -376,7 +378,7 @@ class _Run:
         self.forget_stream = _Stream(data.forget, config.batch_size, config.seed)
         self.retain_stream = _Stream(data.train_retain, config.batch_size, config.seed + 1) if needs_retain else None
         self.chunk_size = self.m.chunk_size(self.work, config.chunk_size, per_token="g_effect_token" in config.record,
-                                            pg="pg_effect" in config.record)
+                                            pg=bool(set(PER_SAMPLE) & set(config.record)))
         self._observers(tokenizer, template, retain_model, retain_reference)
         self.table = StepTable(self.m.axes, self.m.token_count)
         self.attrs = self._attrs(model)
@@ -465,8 +467,8 @@ class _Run:
             ds = m.dataset(self.work, effects, t, lr, samples=sides["forget"].ids)
             self._update()
             return ds
-        kwargs = dict(per_token="g_effect_token" in record, pg="pg_effect" in record, chunk_size=self.chunk_size,
-                      sides=sides, gradient=gradient)
+        kwargs = dict(per_token="g_effect_token" in record, pg=bool(set(PER_SAMPLE) & record),
+                      chunk_size=self.chunk_size, sides=sides, gradient=gradient)
         if "update_effect" not in record:
             ds = m.measure(self.work, t, data=lr, **kwargs)
             self._update()

@@ -16,9 +16,13 @@ import xarray as xr
 
 __all__ = ["SCHEMA_VERSION", "SIGN_CONVENTION", "DIMS", "COORDS", "Variable", "VARIABLES", "INSTANCE_METRICS",
            "EVALUATION_METRICS", "SCALAR_METRICS", "METRICS", "ATTRIBUTIONS", "COARSE_GROUPS", "coarse_map",
-           "SchemaError", "validate", "annotate", "variable_dims"]
+           "SchemaError", "SchemaUpgradeWarning", "validate", "annotate", "variable_dims", "upgrade",
+           "UPGRADABLE_VERSIONS"]
 
-SCHEMA_VERSION = 1
+# 2: ``pg_effect`` is the paper's PG-effect; version 1's ``pg_effect`` (each sample's share of the forget term's
+#    gradient) is ``sample_effect``. :func:`upgrade` reads version-1 files under the new names.
+SCHEMA_VERSION = 2
+UPGRADABLE_VERSIONS = (1,)
 SIGN_CONVENTION = "dR ≈ -lr * g_effect; g_effect < 0 raises the risk"
 
 # dim -> what one position along it is
@@ -64,8 +68,18 @@ VARIABLES: dict[str, Variable] = {
                                "e_{i,k} = <grad r_{i,k}, grad L_u>: the G-effect of answer token k's NLL (all layers, "
                                "all terms); its mean over tokens is the instance's G-effect."),
     "pg_effect": Variable(("step", "sample", "against"), "PG-effect",
-                          "pg_j = <grad R(D), grad l_j>: the forget term's per-sample gradient against the mean risk "
-                          "gradient of the target set named by 'against' (the paper's Eq. 5)."),
+                          "pg_j = <grad R(D), grad log p(s_j)>: the paper's PG-effect (Eq. 5), forget sample j's own "
+                          "answer log-likelihood gradient (log p(a|q) = sum over its answer tokens of log p_k; "
+                          "unweighted, the same for every objective) against the mean risk gradient of the target "
+                          "set named by 'against'. Divide by sample_token_count for the per-token-mean reading."),
+    "sample_effect": Variable(("step", "sample", "against"), "sample effect",
+                              "weight * <grad R(D), grad l_j> / n: forget sample j's share of the forget term's "
+                              "G-effect on the target set named by 'against' (it carries the objective's own "
+                              "weights, e.g. NPO's w_j; n the number of forget samples of the step). Sums over "
+                              "sample to the forget term's G-effect on that set."),
+    "sample_token_count": Variable(("sample",), "forget-sample answer tokens",
+                                   "number of answer tokens of each forget sample (the length behind the sum in "
+                                   "pg_effect's log p(s_j)).", "tokens", "int"),
     "update_effect": Variable(("step", "instance", "layer"), "update effect",
                               "<grad_{theta_l} R_i, -delta theta_t / lr>: the inner product with the optimiser's "
                               "actual step; equals the G-effect under plain SGD."),
@@ -193,7 +207,7 @@ def validate(obj: xr.Dataset | xr.DataArray, *, where: str = "") -> xr.Dataset |
         version = ds.attrs.get("schema_version")
         if version is None or int(version) != SCHEMA_VERSION:
             raise SchemaError(f"schema_version attribute is {version!r}, expected {SCHEMA_VERSION}{who}")
-        effects = {"g_effect", "g_effect_token", "pg_effect", "update_effect"} & set(ds.data_vars)
+        effects = {"g_effect", "g_effect_token", "pg_effect", "sample_effect", "update_effect"} & set(ds.data_vars)
         if effects and ds.attrs.get("sign_convention") != SIGN_CONVENTION:
             raise SchemaError(f"sign_convention attribute is missing or not {SIGN_CONVENTION!r}{who}")
     for name, da in ds.data_vars.items():
@@ -223,3 +237,79 @@ def _check_variable(name: str, da: xr.DataArray, who: str) -> None:
     numeric = np.issubdtype(da.dtype, np.number) or da.dtype == bool
     if (var.kind == "text") == numeric and da.size:
         raise SchemaError(f"variable {name!r} is {da.dtype}, the schema's kind is {var.kind}{who}")
+
+
+# --------------------------------------------------------------------------------------------- upgrades
+class SchemaUpgradeWarning(UserWarning):
+    """A file written with an older schema version was read under this version's names (what changed is said)."""
+
+
+def upgrade(ds: xr.Dataset, where: str = "") -> xr.Dataset:
+    """A Dataset of an older schema version (:data:`UPGRADABLE_VERSIONS`) under this version's names, with a
+    :class:`SchemaUpgradeWarning` saying what moved; numbers are never left under a name whose meaning changed.
+
+    From version 1: its ``pg_effect`` (``<grad R(D), grad l_j>``, each forget sample's unweighted share of the forget
+    term's gradient) becomes ``sample_effect`` (multiplied by the forget term's weight and divided by the step's
+    number of forget samples, this version's definition, which sums over samples to the forget term's G-effect);
+    the file holds no paper PG-effect. A Dataset of this version is returned as it is."""
+    import warnings
+
+    version = ds.attrs.get("schema_version")
+    if version is None or int(version) == SCHEMA_VERSION:
+        return ds
+    if int(version) not in UPGRADABLE_VERSIONS:
+        raise SchemaError(f"{where or 'this Dataset'} was written with results schema version {int(version)}; this "
+                          f"geffect-lab reads schema versions {', '.join(map(str, UPGRADABLE_VERSIONS))} and "
+                          f"{SCHEMA_VERSION}. Re-run it, or load it with the geffect-lab release that wrote it.")
+    ds = ds.copy()
+    notes = []
+    if "pg_effect" in ds:
+        share = ds["pg_effect"]
+        weight = _forget_weight(ds)
+        if weight is None:
+            ds = ds.drop_vars("pg_effect")
+            notes.append("its 'pg_effect' (each forget sample's share of the forget term's gradient, not the paper's "
+                         "PG-effect) was left out: the forget term's weight could not be read to rescale it as "
+                         "'sample_effect'")
+        else:
+            n = np.isfinite(share).sum("sample")
+            ds["sample_effect"] = (share * weight / n.where(n > 0)).transpose(*share.dims)
+            ds = ds.drop_vars("pg_effect")
+            notes.append("its 'pg_effect' is each forget sample's share of the forget term's gradient, not the "
+                         "paper's PG-effect: it has been renamed 'sample_effect' (times the forget term's weight, "
+                         "divided by the step's number of forget samples, so that it sums over samples to the forget "
+                         "term's G-effect). The file holds no paper PG-effect; measure again for 'pg_effect'")
+    ds.attrs["schema_version"] = SCHEMA_VERSION
+    if notes:
+        warnings.warn(f"{where or 'a Dataset'} was written with results schema version {int(version)}; "
+                      + "; ".join(notes) + ".", SchemaUpgradeWarning, stacklevel=3)
+    return ds
+
+
+def _forget_weight(ds: xr.Dataset):
+    """The forget term's weight in a version-1 Dataset: read from the ``objective`` attr (``0.5*npo+gd``; the forget
+    term sits where ``term`` has ``"forget"``) and ``objective_params`` (``{"npo.weight": 0.5}``), else derived
+    per step from ``term_loss`` (weight × mean_j l_j) over the mean of ``sample_loss`` (l_j); None if neither."""
+    import json
+
+    name = str(ds.attrs.get("objective", ""))
+    terms = [str(t) for t in ds["term"].values] if "term" in ds.coords else []
+    parts = name.split("+")
+    if name and "forget" in terms and len(parts) == len(terms):
+        weight, _, term = parts[terms.index("forget")].strip().rpartition("*")
+        try:
+            params = json.loads(ds.attrs.get("objective_params") or "{}")
+        except (TypeError, ValueError):
+            params = {}
+        if isinstance(params, dict) and isinstance(params.get(f"{term}.weight"), (int, float)):
+            return float(params[f"{term}.weight"])
+        try:
+            return float(weight) if weight else 1.0
+        except ValueError:
+            pass
+    if {"term_loss", "sample_loss"} <= set(ds.data_vars) and "forget" in terms:
+        mean = ds["sample_loss"].mean("sample", skipna=True)
+        ratio = ds["term_loss"].sel(term="forget", drop=True) / mean.where(mean != 0)
+        if bool(np.isfinite(ratio).any()):
+            return ratio
+    return None

@@ -229,9 +229,10 @@ LAZY_ABOVE = 64  # runs: a larger sweep opens lazily
 
 def _open_lazy(path: Path) -> xr.Dataset:
     """A run file opened with dask-backed arrays (read when computed), checked against the schema."""
-    from .schema import annotate, validate
+    from .schema import annotate, upgrade, validate
 
-    return validate(annotate(xr.open_dataset(path, engine="h5netcdf", chunks={})), where=str(path))
+    opened = xr.open_dataset(path, engine="h5netcdf", chunks={})
+    return validate(annotate(upgrade(opened, where=str(path))), where=str(path))
 
 
 def load_sweep(out, *, lazy: bool | None = None) -> xr.Dataset:

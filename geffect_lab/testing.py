@@ -217,9 +217,9 @@ class OracleError(RuntimeError):
 def check_against_oracle(model, tokenizer, objective="npo+gd", *, forget, targets, retain=None,
                          tolerance: float | None = None, **kwargs) -> dict:
     """Your own model against the per-instance oracle: ``{"status": "exact" | "refused" | "WRONG", ...}`` with
-    the relative errors of ``g_effect``, ``pg_effect`` and ``g_effect_token`` (the fast engine, its built-in
-    check on, against ``engine="reference"``) or the refusal. ``tolerance`` defaults to 1e-9, or 1e-6 when the
-    model computes some ops below float64 (:func:`computes_below_float64`). Use a float64 copy of a small
+    the relative errors of ``g_effect``, ``pg_effect``, ``sample_effect`` and ``g_effect_token`` (the fast engine,
+    its built-in check on, against ``engine="reference"``) or the refusal. ``tolerance`` defaults to 1e-9, or 1e-6
+    when the model computes some ops below float64 (:func:`computes_below_float64`). Use a float64 copy of a small
     model of your architecture: the oracle takes one backward per instance and per answer token."""
     from .engine.api import g_effect
     from .engine.core import EngineCheckError
@@ -240,7 +240,7 @@ def check_against_oracle(model, tokenizer, objective="npo+gd", *, forget, target
         return {"status": "refused", "detail": f"{type(err).__name__}: {err}"}
     if tolerance is None:
         tolerance = 1e-6 if computes_below_float64(model) else 1e-9
-    errors = {k: relative_error(fast[k], ref[k]) for k in ("g_effect", "pg_effect", "g_effect_token")}
+    errors = {k: relative_error(fast[k], ref[k]) for k in ("g_effect", "pg_effect", "sample_effect", "g_effect_token")}
     return {"status": "exact" if max(errors.values()) <= tolerance else "WRONG", "errors": errors,
             "tolerance": tolerance, "detail": ""}
 

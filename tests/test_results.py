@@ -32,13 +32,40 @@ def test_another_schema_version_is_refused(runs, tmp_path):
     old = runs["ga"].copy()
     old.attrs["schema_version"] = 0
     old.to_netcdf(tmp_path / "old.nc", engine="h5netcdf")
-    with pytest.raises(SchemaError, match="schema version 0.*reads schema version 1"):
+    with pytest.raises(SchemaError, match="schema version 0.*reads schema versions 1 and 2"):
         gl.load(tmp_path / "old.nc")
     xr.Dataset({"x": ("a", [1.0])}).to_netcdf(tmp_path / "other.nc", engine="h5netcdf")
     with pytest.raises(SchemaError, match="not a geffect-lab results file"):
         gl.load(tmp_path / "other.nc")
     with pytest.raises(FileNotFoundError):
         gl.load(tmp_path / "missing.nc")
+
+
+def _as_version_1(ds: xr.Dataset, weight: float = 1.0) -> xr.Dataset:
+    """``ds`` as schema version 1 wrote it: ``pg_effect`` was <grad R(D), grad l_j> (unweighted, not divided by the
+    step's number of forget samples), no sample_token_count."""
+    old = ds.drop_vars(["pg_effect", "sample_effect", "sample_token_count"])
+    n = np.isfinite(ds.sample_effect).sum("sample")
+    old["pg_effect"] = ds.sample_effect * n / weight
+    old.attrs["schema_version"] = 1
+    return old
+
+
+def test_a_version_1_file_loads_under_the_new_names(runs, target, world, tmp_path):
+    model, tok = target
+    weighted = gl.g_effect(model, tok, "0.5*npo+gd", forget=world["forget05"][:3], retain=world["retain_perturbed"][:3],
+                           targets={"targeted": world["forget05"][3:5], "non_targeted": world["retain_perturbed"][5:7]})
+    for ds, weight in ((runs["npo+gd"], 1.0), (weighted, 0.5)):
+        # a run measures each step's batch only: the other samples are NaN there, and n counts the batch
+        assert np.isnan(ds.sample_effect).any() == ("learning_rate" in ds)
+        _as_version_1(ds, weight).to_netcdf(tmp_path / "v1.nc", engine="h5netcdf")
+        with pytest.warns(gl.schema.SchemaUpgradeWarning, match=r"schema version 1; its 'pg_effect' is each forget "
+                          r"sample's share .* renamed 'sample_effect'.*no paper PG-effect"):
+            again = gl.load(tmp_path / "v1.nc")
+        assert "pg_effect" not in again and again.attrs["schema_version"] == 2
+        np.testing.assert_allclose(again.sample_effect, ds.sample_effect, rtol=1e-12)
+        with pytest.raises(KeyError, match="schema version 1 holds sample_effect only"):
+            gl.plots.pg_scatter(again)
 
 
 def test_combine_along_objective(runs):
@@ -48,7 +75,7 @@ def test_combine_along_objective(runs):
     assert list(both.term.values) == ["forget", "gd"]
     assert np.isnan(both.g_effect.sel(objective="ga", term="gd")).all()  # GA has no gd term
     np.testing.assert_array_equal(both.risk.sel(objective="ga").values, runs["ga"].risk.values)
-    assert "objective_attrs" in both.attrs and both.attrs["schema_version"] == 1
+    assert "objective_attrs" in both.attrs and both.attrs["schema_version"] == 2
     named = gl.combine({"a": runs["ga"], "b": runs["ga"]}, dim="run")
     assert list(named.run.values) == ["a", "b"]
 

@@ -29,25 +29,29 @@ def test_a_run_records_every_variable_at_every_step(npo_gd_run, world, small_eva
     ds = npo_gd_run
     assert list(ds.step.values) == [0, 1, 2, 3, 4]  # 4 recorded steps + the risks after the last update
     assert ds.g_effect.dims == ("step", "instance", "layer", "term") and list(ds.term.values) == ["forget", "gd"]
-    for name in ("g_effect", "g_effect_token", "pg_effect", "update_effect", "sample_weight"):
+    for name in ("g_effect", "g_effect_token", "pg_effect", "sample_effect", "update_effect", "sample_weight"):
         assert np.isfinite(ds[name].isel(step=slice(0, 4))).any(), name
         assert np.isnan(ds[name].isel(step=4)).all(), name
     assert np.isfinite(ds.risk).all() and np.isfinite(ds.objective_loss.isel(step=slice(0, 4))).all()
     assert list(ds.sample.values) == [e.id for e in world["forget05"]]
-    # each step's PG-effects cover exactly that step's forget batch
-    assert (np.isfinite(ds.pg_effect.isel(step=0, against=0)).sum() == 8).item()
+    # each step's per-sample effects cover exactly that step's forget batch
+    for name in ("pg_effect", "sample_effect"):
+        assert (np.isfinite(ds[name].isel(step=0, against=0)).sum() == 8).item(), name
     assert ds.attrs["complete"] == 1 and ds.attrs["objective"] == "npo+gd" and ds.attrs["steps"] == 4
     assert list(ds.instance.values) == [e.id for e in small_eval["targeted"] + small_eval["non_targeted"]]
     assert float(ds.sample_weight.isel(step=0).mean()) == pytest.approx(1.0)  # NPO's weight at the reference
 
 
-def test_pg_effect_averages_to_the_forget_terms_unlearning_effect(npo_gd_run):
+def test_sample_effects_sum_to_the_forget_terms_unlearning_effect(npo_gd_run):
     ds = npo_gd_run
     for step in range(4):
-        pg = ds.pg_effect.isel(step=step).sel(against="targeted")
+        share = ds.sample_effect.isel(step=step).sel(against="targeted")
         e_forget = ds.g_effect.isel(step=step).sel(term="forget").sum("layer").where(
             ds.split == "targeted", drop=True).mean()
-        assert float(pg.mean(skipna=True)) == pytest.approx(float(e_forget), rel=1e-4)
+        assert float(share.sum(skipna=True)) == pytest.approx(float(e_forget), rel=1e-4)  # a float32 model
+        # NPO's share is its weight times the paper's PG-effect over the batch size
+        np.testing.assert_allclose(share, ds.sample_weight.isel(step=step) * ds.pg_effect.isel(step=step).sel(
+            against="targeted") / 8, rtol=1e-4)
 
 
 def test_the_callers_model_is_untouched_unless_inplace(target, world, small_eval):

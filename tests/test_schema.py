@@ -45,7 +45,7 @@ def test_validate_names_what_does_not_fit(measured):
         (measured.assign(risk=measured.risk.transpose("instance", "step")), r"variable 'risk' has dims \('instance', "
                                                                              r"'step'\)"),
         (measured.assign(risk=(measured.risk.dims, measured.risk.values)), r"'risk' has no long_name/units"),
-        (measured.assign_attrs(schema_version=0), r"schema_version attribute is 0, expected 1"),
+        (measured.assign_attrs(schema_version=1), r"schema_version attribute is 1, expected 2"),
         (measured.assign_attrs(sign_convention="dR = +lr * g"), r"sign_convention attribute"),
         (measured.assign_coords(split=("layer", np.array(["x"] * measured.sizes["layer"], dtype=object))),
          r"coordinate 'split' has dims \('layer',\)"),
@@ -57,7 +57,7 @@ def test_validate_names_what_does_not_fit(measured):
             validate(bad, where="a test")
     with pytest.raises(SchemaError, match=r"'generated_text' is float64, the schema's kind is text \(mine\)"):
         validate(xr.Dataset({"generated_text": ("instance", np.zeros(2))},
-                            attrs={"schema_version": 1}).pipe(gl.schema.annotate), where="mine")
+                            attrs={"schema_version": 2}).pipe(gl.schema.annotate), where="mine")
 
 
 def test_attribution_prompt_positions_have_their_own_dim(target, world):

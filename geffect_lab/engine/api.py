@@ -100,7 +100,9 @@ def g_effect(model, tokenizer, objective="ga", params: Mapping[str, Any] | None 
     refusals:
         Refusal answers for ``po``/``dpo`` (default: the bundled world's).
     per_token, pg:
-        Also measure per-token G-effects (``g_effect_token``) and the PG-effect per forget sample.
+        Also measure per-token G-effects (``g_effect_token``), and per forget sample the paper's PG-effect
+        (``pg_effect``) and the sample's share of the forget term's G-effect (``sample_effect``): two passes over
+        the forget samples.
     chunk_size:
         Target instances per pass (bounds memory; ``None``: all at once; ``"auto"``: the largest whose
         estimated peak fits 80 % of the device's free memory, see :func:`geffect_lab.estimate_memory`).
@@ -114,9 +116,11 @@ def g_effect(model, tokenizer, objective="ga", params: Mapping[str, Any] | None 
     -------
     xarray.Dataset
         One ``step``, DESIGN.md §4's names: ``g_effect`` [step, instance, layer, term], ``g_effect_token``
-        [step, instance, token] (with ``token_text``), ``pg_effect`` [step, sample, against], ``risk``
-        [step, instance], ``objective_loss`` [step], ``term_loss`` [step, term], ``sample_loss`` and
-        ``sample_weight`` [step, sample], ``token_count`` [instance]. Sign convention: ``dR ≈ -lr · g_effect``.
+        [step, instance, token] (with ``token_text``), ``pg_effect`` [step, sample, against] (the paper's
+        PG-effect), ``sample_effect`` [step, sample, against] (each forget sample's share of the forget term's
+        G-effect), ``risk`` [step, instance], ``objective_loss`` [step], ``term_loss`` [step, term],
+        ``sample_loss`` and ``sample_weight`` [step, sample], ``token_count`` [instance], ``sample_token_count``
+        [sample]. Sign convention: ``dR ≈ -lr · g_effect``.
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
@@ -191,7 +195,7 @@ class Measurement:
                 check_fits(model, side.refusal, side.ids, f"{role} (with its refusal answer)")
         self.token_count = (self.batch["labels"][:, 1:] != -100).sum(1).numpy()
         self.axes = make_axes(tokenizer, self.batch, self.ids, self.splits, self.examples, self.groups, self.objective,
-                              self.sample_ids, list(self.slices))
+                              self.sample_ids, list(self.slices), self.sides["forget"].batch)
         self.reference = None
         self.reference_label = ""
 
@@ -349,11 +353,13 @@ def on_sample_axis(effects: Effects, samples: Sequence[str], sample_ids: Sequenc
         return out
 
     return replace(effects, sample_loss=place(effects.sample_loss), pg_effect=place(effects.pg_effect),
-                   sample_weight=place(effects.sample_weight))
+                   sample_effect=place(effects.sample_effect), sample_weight=place(effects.sample_weight))
 
 
-def make_axes(tokenizer, batch, ids, splits, examples, groups, objective, sample_ids, against) -> Axes:
-    """The :class:`~geffect_lab.results.Axes` of a measurement of the targets ``examples`` (encoded: ``batch``)."""
+def make_axes(tokenizer, batch, ids, splits, examples, groups, objective, sample_ids, against,
+              sample_batch=None) -> Axes:
+    """The :class:`~geffect_lab.results.Axes` of a measurement of the targets ``examples`` (encoded: ``batch``),
+    with the forget samples' answer token counts when their encoding ``sample_batch`` is given."""
     answer_tokens = [row[row != -100].tolist() for row in batch["labels"][:, 1:]]
     width = max(max(len(a) for a in answer_tokens), 1)
     return Axes(instance_ids=list(ids), splits=list(splits),
@@ -361,4 +367,6 @@ def make_axes(tokenizer, batch, ids, splits, examples, groups, objective, sample
                 answers=[example_field(e, "answer") for e in examples], layer_names=list(groups.names),
                 layer_index=groups.index, term_names=objective.term_names, sample_ids=list(sample_ids),
                 against=list(against), token_texts=[[tokenizer.decode([t]) for t in row] for row in answer_tokens],
-                token_width=width)
+                token_width=width,
+                sample_token_count=None if sample_batch is None else
+                (sample_batch["labels"][:, 1:] != -100).sum(1).tolist())

@@ -13,7 +13,7 @@ import torch
 
 from .._batching import chunks, eval_mode, trainable_parameters
 from ..objectives import Objective, ObjectiveError
-from .forward import Samples, objective_inputs, risk_and_tokens
+from .forward import Samples, answer_loglik, objective_inputs, risk_and_tokens
 from .ghost import GhostPass, accumulation_dtype, engine_mode
 from .groups import LayerGroups
 
@@ -47,12 +47,13 @@ class Effects:
     g_effect_token: np.ndarray      # [instance, token] (NaN past each answer's end)
     risk: np.ndarray                # [instance]
     token_count: np.ndarray         # [instance]
-    pg_effect: np.ndarray | None    # [sample, against]
+    pg_effect: np.ndarray | None    # [sample, against] the paper's PG-effect ⟨∇R(D), ∇log p(s_j)⟩
     term_loss: np.ndarray           # [term]  weight · mean_j ℓ_j
     sample_loss: np.ndarray         # [sample] the forget term's ℓ_j
     answer_tokens: list[list[int]] = field(default_factory=list)  # token ids of each target's answer
     extra: np.ndarray | None = None  # [instance, layer, extra direction] (e.g. the optimiser's step)
     sample_weight: np.ndarray | None = None
+    sample_effect: np.ndarray | None = None  # [sample, against] weight · ⟨∇R(D), ∇ℓ_j⟩ / n (sums to the forget term's)
 
 
 def term_gradients(model, objective: Objective, sides: dict[str, Samples], reference) -> ObjectiveGradient:
@@ -196,14 +197,16 @@ def fast_effects(model, groups: LayerGroups, objective: Objective, sides: dict[s
                         acc[k] = g.div_(size)
             del res  # its parameter gradients, before the next pass allocates its own
         set_grads.append(acc)
-    pg_eff = _fast_pg(model, groups, objective, sides, reference, set_grads) if pg else None
+    pg_eff = sample_eff = None
+    if pg:
+        sample_eff, pg_eff = _fast_per_sample(model, groups, objective, sides, reference, set_grads)
     if verify:
         check_totals(model, groups, grads, targets, g_eff[..., :n_terms], chunk_size, objective.term_names)
-        check_decompositions(model, g_eff[..., :n_terms], tok_eff if per_token else None, pg_eff, target_sets,
-                             [t.spec.role for t in objective.terms].index("forget"), objective.forget_term.weight)
+        check_decompositions(model, g_eff[..., :n_terms], tok_eff if per_token else None, sample_eff, target_sets,
+                             [t.spec.role for t in objective.terms].index("forget"))
     return Effects(g_eff[..., :n_terms], tok_eff, risks, _token_count(targets), pg_eff, gradient.term_loss,
                    gradient.sample_loss, _answer_tokens(targets), extra=g_eff[..., n_terms:] if extra else None,
-                   sample_weight=gradient.sample_weight)
+                   sample_weight=gradient.sample_weight, sample_effect=sample_eff)
 
 
 def check_tolerance(dtype: torch.dtype) -> float:
@@ -253,12 +256,13 @@ def check_totals(model, groups: LayerGroups, directions: Sequence[dict[int, torc
                 "numbers would be wrong: use engine='reference' and report the model type")
 
 
-def check_decompositions(model, g_eff: np.ndarray, tok_eff: np.ndarray | None, pg_eff: np.ndarray | None,
-                         target_sets: dict[str, slice], forget: int, forget_weight: float) -> None:
+def check_decompositions(model, g_eff: np.ndarray, tok_eff: np.ndarray | None, sample_eff: np.ndarray | None,
+                         target_sets: dict[str, slice], forget: int) -> None:
     """The fast engine's three decompositions come from independent computations (ghost contractions per
-    layer, forward-mode tangents per token, per-sample contractions for the PG-effect); they must agree where
-    the math says they add up: ``mean_k e_{i,k} = Σ_{l,t} e_{i,l,t}`` for every instance, and the forget term's
-    weight × ``mean_j pg_{j,D}`` = ``mean_{i∈D} Σ_l e_{i,l,forget}`` for every target set D."""
+    layer, forward-mode tangents per token, per-sample contractions over the forget samples); they must agree
+    where the math says they add up: ``mean_k e_{i,k} = Σ_{l,t} e_{i,l,t}`` for every instance, and
+    ``Σ_j sample_effect_{j,D}`` = ``mean_{i∈D} Σ_l e_{i,l,forget}`` for every target set D. (The paper's
+    PG-effect has no such identity for every objective; tests hold it to the oracle.)"""
     tol = check_tolerance(next(model.parameters()).dtype)
     e_i = g_eff.sum((1, 2))
     scale = max(np.abs(e_i).max(), 1e-300)
@@ -271,13 +275,13 @@ def check_decompositions(model, g_eff: np.ndarray, tok_eff: np.ndarray | None, p
                 f"{e_i[worst]:.6g}: the forward-mode tangents through {type(model).__qualname__} are wrong (an op "
                 "whose forward-mode derivative does not match its backward). Pass per_token=False, or use "
                 "engine='reference'")
-    if pg_eff is not None:
+    if sample_eff is not None:
         for d, (name, rows) in enumerate(target_sets.items()):
             want = g_eff[rows, :, forget].sum(1).mean()
-            got = forget_weight * pg_eff[:, d].mean()
+            got = sample_eff[:, d].sum()
             if abs(got - want) > tol * max(abs(want), np.abs(g_eff[rows, :, forget].sum(1)).max(), 1e-300):
                 raise EngineCheckError(
-                    f"the PG-effects against {name!r} average to {got:.6g} where the forget term's G-effect on that "
+                    f"the sample effects against {name!r} sum to {got:.6g} where the forget term's G-effect on that "
                     f"set is {want:.6g}: the per-sample pass over the forget samples is wrong for this model. Pass "
                     "pg=False, or use engine='reference'")
 
@@ -293,17 +297,24 @@ def _module_types(model, groups: LayerGroups, group: int) -> list[str]:
     return out
 
 
-def _fast_pg(model, groups, objective, sides, reference, set_grads):
-    """PG-effect: the forget term's per-sample gradients against each target set's risk gradient."""
+def _fast_per_sample(model, groups, objective, sides, reference, set_grads):
+    """Two ghost passes over the forget samples against each target set's risk gradient: the forget term's
+    per-sample losses (``sample_effect``, weighted and divided by the number of samples) and each sample's own
+    answer log-likelihood (the paper's PG-effect)."""
     term = objective.forget_term
     side = sides["forget"]
+    n = len(side.ids)
     ghost = GhostPass(model, groups, set_grads, propagate=False)
 
-    def fn():
+    def share():
         return term.loss(objective_inputs(model, term, side, reference)), ()
 
-    res = ghost.run(fn, len(side.ids))
-    return res.contrib.sum(1).double().cpu().numpy()
+    def loglik():
+        return answer_loglik(model, side.batch), ()
+
+    sample = ghost.run(share, n).contrib.sum(1).double().cpu().numpy() * (term.weight / n)
+    paper = ghost.run(loglik, n).contrib.sum(1).double().cpu().numpy()
+    return sample, paper
 
 
 def _token_count(targets) -> np.ndarray:
@@ -353,19 +364,24 @@ def reference_effects(model, groups: LayerGroups, objective: Objective, sides: d
                         g_k = torch.autograd.grad(nll[r, k], params, retain_graph=True, allow_unused=True)
                         tok_eff[i, k] = float(_dot_by_group(groups, g_k, params, total, dtype).sum())
             risks[rows] = risk.detach().double().cpu().numpy()
-        pg_eff = None
+        pg_eff = sample_eff = None
         if pg:
             directions = [risk_gradient(model, {k: v[sl] for k, v in targets.items()}, chunk_size)
                           for sl in target_sets.values()]
             term = objective.forget_term
             per_sample = term.loss(objective_inputs(model, term, sides["forget"], reference))
-            pg_eff = np.zeros((per_sample.shape[0], len(directions)))
-            for j in range(per_sample.shape[0]):
-                g_j = torch.autograd.grad(per_sample[j], params, retain_graph=True, allow_unused=True)
-                for d, direction in enumerate(directions):
-                    pg_eff[j, d] = float(_dot_by_group(groups, g_j, params, direction, dtype).sum())
+            loglik = answer_loglik(model, sides["forget"].batch)
+            n_samples = per_sample.shape[0]
+            sample_eff = np.zeros((n_samples, len(directions)))
+            pg_eff = np.zeros((n_samples, len(directions)))
+            for j in range(n_samples):
+                for out, value, scale in ((sample_eff, per_sample[j], term.weight / n_samples),
+                                          (pg_eff, loglik[j], 1.0)):
+                    g_j = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+                    for d, direction in enumerate(directions):
+                        out[j, d] = scale * float(_dot_by_group(groups, g_j, params, direction, dtype).sum())
     return Effects(g_eff, tok_eff, risks, _token_count(targets), pg_eff, gradient.term_loss, gradient.sample_loss,
-                   _answer_tokens(targets), sample_weight=gradient.sample_weight)
+                   _answer_tokens(targets), sample_weight=gradient.sample_weight, sample_effect=sample_eff)
 
 
 __all__ += ["engine_mode"]

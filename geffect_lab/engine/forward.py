@@ -19,9 +19,8 @@ from ..data import PromptTemplate, check_records, encode_pairs, example_field, e
 from ..objectives import ObjectiveError, ObjectiveInputs, Term
 from .groups import find_blocks
 
-__all__ = ["Samples", "encode_side", "answer_logp", "risk_and_tokens", "objective_inputs", "reference_quantities",
-           "check_fits", "max_positions",
-           "default_layer", "resolve_layers", "refusal_for"]
+__all__ = ["Samples", "encode_side", "answer_logp", "risk_and_tokens", "answer_loglik", "objective_inputs",
+           "reference_quantities", "check_fits", "max_positions", "default_layer", "resolve_layers", "refusal_for"]
 
 
 def default_layer(model) -> int:
@@ -124,6 +123,14 @@ def risk_and_tokens(model, batch: dict[str, torch.Tensor]):
     logp, mask, _, _ = answer_logp(logits, labels)
     nll = -logp
     return (nll * mask).sum(1) / mask.sum(1).clamp_min(1), nll, mask
+
+
+def answer_loglik(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each row's answer log-likelihood ``log p(a | q) = Σ_k log p_k`` (a sum over the answer tokens, not a mean):
+    the ``log p(s_j)`` of the paper's PG-effect."""
+    logits, labels, _ = _forward(model, batch)
+    logp, _, _, _ = answer_logp(logits, labels)
+    return logp.sum(1)
 
 
 def _quantities(model, side: Samples, needs: frozenset[str], layer: int | None, alt: bool):

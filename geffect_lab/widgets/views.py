@@ -49,6 +49,7 @@ VIEW_PLOTS: dict[str, Plot] = {
     "heatmap": lambda ds, sel: plots.layer_heatmap(ds, split=sel.split, coarse=sel.coarse),
     "distributions": lambda ds, sel: plots.instance_distributions(ds, step=_step_or(ds, sel, None)),
     "PG-effect scatter": lambda ds, sel: plots.pg_scatter(ds, step=_step_or(ds, sel, None)),
+    "sample-effect scatter": lambda ds, sel: plots.pg_scatter(ds, step=_step_or(ds, sel, None), var="sample_effect"),
     "tokens": lambda ds, sel: plots.token_strip(ds, sel.instance, step=_step_or(ds, sel, 0)),
     "metrics": lambda ds, sel: plots.metric_curves(ds),
     "trajectory": lambda ds, sel: plots.trajectory(ds),

@@ -33,7 +33,7 @@ def test_dataset_names_dims_and_attrs(ds, tiny_sets):
     assert ds.question.values[0] == tiny_sets["targets"]["targeted"][0].question
     for name in ds.data_vars:
         assert ds[name].attrs["long_name"] and ds[name].attrs["description"], name
-    assert ds.attrs["objective"] == "npo+gd" and ds.attrs["schema_version"] == 1
+    assert ds.attrs["objective"] == "npo+gd" and ds.attrs["schema_version"] == 2
     assert ds.attrs["sign_convention"] == "dR ≈ -lr * g_effect; g_effect < 0 raises the risk"
     assert all(isinstance(v, (str, int, float)) for v in ds.attrs.values())
 

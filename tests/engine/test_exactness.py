@@ -26,6 +26,7 @@ def test_fast_matches_the_reference_loop(arch, objective, tokenizer, tiny_llama,
     fast, ref = _both(model, tokenizer, tiny_sets, objective)
     assert relative_error(fast.g_effect, ref.g_effect) <= 1e-9
     assert relative_error(fast.pg_effect, ref.pg_effect) <= 1e-9
+    assert relative_error(fast.sample_effect, ref.sample_effect) <= 1e-9
     # the two paths batch rows differently (the fast one sorts by length), so the risks may differ in the last
     # bits depending on the CPU's kernels (AVX2 or not): a dtype-derived tolerance, never bitwise equality
     assert relative_error(fast.risk, ref.risk) <= reorder_tolerance(torch.float64)
@@ -75,9 +76,9 @@ def test_additivity(arch, tokenizer, tiny_llama, tiny_gpt2, tiny_sets):
         g_d = risk_gradient(model, gl.encode(tokenizer, examples), None)
         batch_level = sum(float((g_d[k] * total[k]).sum()) for k in total)
         assert float(e_i.where(ds.split == name, drop=True).mean()) == pytest.approx(batch_level, rel=tol)
-        # the PG-effect's mean over forget samples is the forget term's batch-level G-effect
+        # the sample effects sum over forget samples to the forget term's batch-level G-effect
         forget_only = sum(float((g_d[k] * grads[0][k]).sum()) for k in grads[0])
-        assert float(ds.pg_effect.sel(against=name).mean()) == pytest.approx(forget_only, rel=tol)
+        assert float(ds.sample_effect.sel(against=name).sum()) == pytest.approx(forget_only, rel=tol)
 
 
 @pytest.mark.parametrize("name", ["target", "target-gpt2"])
@@ -164,7 +165,8 @@ def test_chunking_and_instance_order_change_nothing(pg, tokenizer, tiny_gpt2, ti
         for var in ("g_effect", "g_effect_token", "risk"):
             assert relative_error(got[var].values, whole[var].values) <= 1e-12, (chunk, var)
         if pg:
-            assert relative_error(got.pg_effect.values, whole.pg_effect.values) <= 1e-12
+            for var in ("pg_effect", "sample_effect"):
+                assert relative_error(got[var].values, whole[var].values) <= 1e-12, (chunk, var)
 
 
 class OffsetRMSNorm(torch.nn.Module):
