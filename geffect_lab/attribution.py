@@ -39,7 +39,7 @@ import xarray as xr
 
 from ._batching import captured_output, check_number, eval_mode, model_device, pad_id
 from .data import encode, example_field, example_id
-from .engine.forward import answer_logp, hidden_at_answers
+from .engine.forward import answer_logp, hidden_reading, hidden_states_at
 from .engine.groups import find_blocks, layer_groups
 from .objectives import ObjectiveError, ObjectiveInputs, resolve_objective
 from .schema import validate
@@ -80,7 +80,7 @@ class _Target:
         labels = self.labels.repeat(reps, 1)
         mask = self.attention_mask.repeat(reps, 1)
         needs = self.term.spec.needs if self.term is not None else frozenset()
-        hidden_layer = self.term.params.get("layer") if needs & {"hidden", "ref_hidden"} else None
+        hidden_layer, positions = hidden_reading(self.term) if self.term is not None else (None, "answer")
         block = find_blocks(self.model)[1][hidden_layer] if hidden_layer is not None else None
         feed = {"inputs_embeds": input_ids} if input_ids.is_floating_point() else {"input_ids": input_ids}
         with captured_output(block) as captured:
@@ -89,7 +89,8 @@ class _Target:
                                              full=bool(needs & {"full_logp", "ref_full_logp"}))
         out = {"logp": logp, "mask": amask, "full_logp": full}
         if captured:
-            out["hidden"] = hidden_at_answers(captured[-1], pos)
+            out["hidden"], out["hidden_mask"] = hidden_states_at(captured[-1], pos, amask,
+                                                                 mask.to(input_ids.device), positions)
         if reference:
             return {f"ref_{k}": v.detach() for k, v in out.items() if v is not None}
         return out
@@ -102,7 +103,7 @@ class _Target:
         ref = {k: v.repeat(reps, *([1] * (v.dim() - 1))) for k, v in self.reference.items()
                if f"{k}" in ("ref_logp", "ref_full_logp", "ref_hidden") and k in self.term.spec.needs}
         inputs = ObjectiveInputs(logp=q["logp"], mask=q["mask"], full_logp=q.get("full_logp"),
-                                 hidden=q.get("hidden"), hidden_mask=q["mask"] if "hidden" in q else None, **ref)
+                                 hidden=q.get("hidden"), hidden_mask=q.get("hidden_mask"), **ref)
         return self.term.spec.fn(inputs, **self.term.params)
 
 

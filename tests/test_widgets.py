@@ -159,3 +159,12 @@ def test_the_compare_tab_loads_a_sweep_folder(short_runs, tmp_path):
     assert dash.compare_runs.value == tuple(names)
     dash.draw_compare()
     assert dash.compare_tab.figure is not None and "run" not in dash.compare_tab.store.runs[names[0]].dims
+
+
+def test_a_text_parameter_with_choices_gets_a_dropdown():
+    from geffect_lab.widgets.run_tab import param_widget
+
+    spec = gl.get_objective("rmu")
+    widget = param_widget("positions", spec.parameters["positions"], spec.bounds["positions"])
+    assert type(widget).__name__ == "Dropdown" and widget.value == "answer"
+    assert list(widget.options) == ["answer", "predicting", "all"]

@@ -17,7 +17,15 @@ from ..data import World, check_records, encode, example_field, example_id
 from ..objectives import ObjectiveError, resolve_objective
 from ..results import Axes, effects_dataset
 from .core import Effects, ObjectiveGradient, fast_effects, reference_effects, target_risks, term_gradients
-from .forward import Samples, check_fits, encode_side, reference_quantities, resolve_layers
+from .forward import (
+    Samples,
+    check_fits,
+    encode_side,
+    hidden_reading,
+    reference_quantities,
+    refusal_drawer,
+    resolve_layers,
+)
 from .groups import LayerGroups, layer_groups
 from .offload import is_offloaded, resident
 
@@ -182,6 +190,8 @@ class Measurement:
 
             refusals = load_world().refusals
         self.refusals = refusals
+        # each encoding of samples is a fetch: "per_fetch" refusals are drawn anew there (the forget term's choice)
+        self._draw_refusal = refusal_drawer(self.objective.forget_term, refusals)
         if "retain" in roles and not retain:
             regs = ", ".join(t.name for t in self.objective.terms if t.spec.role == "retain")
             raise ObjectiveError(f"the regulariser(s) {regs} need retain samples: pass retain=[...]")
@@ -202,7 +212,7 @@ class Measurement:
     def _encode(self, forget: Sequence, retain: Sequence | None) -> dict[str, Samples]:
         sides = {"forget": encode_side(self.tokenizer, forget if forget is not None else [],
                                        refusals=self.refusals, need_refusal=self.needs_refusals,
-                                       template=self.template)}
+                                       template=self.template, draw=self._draw_refusal)}
         if retain is not None:
             sides["retain"] = encode_side(self.tokenizer, retain, template=self.template, role="retain")
         return sides
@@ -227,8 +237,7 @@ class Measurement:
     def _reference_quantities(self, sides: dict[str, Samples]) -> None:
         with torch.no_grad(), eval_mode(self.reference), resident(self.reference):
             for term in self.objective.terms:
-                reference_quantities(self.reference, sides[term.spec.role], term.spec.needs,
-                                     term.params.get("layer"))
+                reference_quantities(self.reference, sides[term.spec.role], term.spec.needs, *hidden_reading(term))
 
     def sides_for(self, forget: Sequence, retain: Sequence | None = None) -> dict[str, Samples]:
         """One step's samples (a batch of the forget set, and of the retain set when the objective has

@@ -7,8 +7,9 @@ a refusal answer, a hidden-state capture) and packs the results, with the refere
 
 from __future__ import annotations
 
+import random
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -20,7 +21,8 @@ from ..objectives import ObjectiveError, ObjectiveInputs, Term
 from .groups import find_blocks
 
 __all__ = ["Samples", "encode_side", "answer_logp", "risk_and_tokens", "answer_loglik", "objective_inputs",
-           "reference_quantities", "check_fits", "max_positions", "default_layer", "resolve_layers", "refusal_for"]
+           "reference_quantities", "check_fits", "max_positions", "default_layer", "resolve_layers", "refusal_for",
+           "refusal_drawer", "hidden_states_at", "hidden_reading", "HIDDEN_POSITIONS"]
 
 
 def default_layer(model) -> int:
@@ -49,6 +51,16 @@ def refusal_for(example_id_: str, refusals: Sequence[str]) -> str:
     return refusals[zlib.crc32(example_id_.encode()) % len(refusals)]
 
 
+def refusal_drawer(term: Term, refusals: Sequence[str] | None) -> Callable[[str], str]:
+    """How a term's refusal answers are picked each time samples are encoded (a fetch): its ``refusal``
+    parameter ``"fixed"`` (default; :func:`refusal_for`, the same one every time) or ``"per_fetch"`` (drawn at
+    random for every sample of every fetch from a generator seeded with ``refusal_seed``)."""
+    if term.params.get("refusal", "fixed") != "per_fetch" or not refusals:
+        return lambda example_id_: refusal_for(example_id_, refusals)
+    rng = random.Random(int(term.params.get("refusal_seed", 0)))
+    return lambda example_id_: refusals[rng.randrange(len(refusals))]
+
+
 @dataclass
 class Samples:
     """The samples of one side of an objective (its forget or retain samples), encoded once: ``batch`` the
@@ -62,7 +74,9 @@ class Samples:
 
 def encode_side(tokenizer, examples: Sequence[Any], *, refusals: Sequence[str] | None = None,
                 need_refusal: bool = False, template: PromptTemplate | str | None = None,
-                role: str = "forget") -> Samples:
+                role: str = "forget", draw: Callable[[str], str] | None = None) -> Samples:
+    """Encode one side's samples; with ``need_refusal`` also each question with a refusal answer, picked by
+    ``draw(id)`` (default :func:`refusal_for`)."""
     if not examples:
         raise ObjectiveError(f"the {role} set is empty; the objective needs {role} samples")
     examples = check_records(examples, role)
@@ -74,7 +88,8 @@ def encode_side(tokenizer, examples: Sequence[Any], *, refusals: Sequence[str] |
         if not refusals:
             raise ObjectiveError("this objective trains towards refusal answers, but no refusals were given "
                                  "(pass refusals=world.refusals)")
-        refusal = encode_pairs(tokenizer, [(q, refusal_for(i, refusals)) for q, i in zip(questions, ids)], template)
+        draw = draw or (lambda example_id_: refusal_for(example_id_, refusals))
+        refusal = encode_pairs(tokenizer, [(q, draw(i)) for q, i in zip(questions, ids)], template)
     return Samples(ids, batch, refusal)
 
 
@@ -117,6 +132,23 @@ def hidden_at_answers(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Te
     return hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
+HIDDEN_POSITIONS = ("answer", "predicting", "all")
+
+
+def hidden_states_at(hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, attention: torch.Tensor,
+                     which: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hidden states a term reads and their mask: ``"answer"`` at each answer token's own position,
+    ``"predicting"`` one position earlier (the output there predicts the answer token), ``"all"`` every
+    position the attention mask keeps (question and answer)."""
+    if which == "answer":
+        return hidden_at_answers(hidden, positions), mask
+    if which == "predicting":
+        return hidden_at_answers(hidden, positions - 1), mask
+    if which == "all":
+        return hidden, attention.to(mask.dtype)
+    raise ObjectiveError(f"hidden-state positions {which!r} are not known; use one of {', '.join(HIDDEN_POSITIONS)}")
+
+
 def risk_and_tokens(model, batch: dict[str, torch.Tensor]):
     """Per-instance risk ``R_i = mean_k nll_{i,k}`` and the token NLLs ``[instance, answer token]``."""
     logits, labels, _ = _forward(model, batch)
@@ -133,14 +165,16 @@ def answer_loglik(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return logp.sum(1)
 
 
-def _quantities(model, side: Samples, needs: frozenset[str], layer: int | None, alt: bool):
+def _quantities(model, side: Samples, needs: frozenset[str], layer: int | None, alt: bool,
+                positions: str = "answer"):
     logits, labels, hidden = _forward(model, side.batch, layer if needs & {"hidden", "ref_hidden"} else None)
     logp, mask, full, pos = answer_logp(logits, labels, full=bool(needs & {"full_logp", "ref_full_logp"}))
     out: dict[str, torch.Tensor | None] = {"logp": logp, "mask": mask, "full_logp": full}
     if needs & {"all_logp", "ref_all_logp"}:  # every position of the (trimmed) padded batch
         out["all_logp"] = log_probs(logits)
-    if hidden is not None:
-        out["hidden"] = hidden_at_answers(hidden, pos)  # pos: each answer token's own (label) position
+    if hidden is not None:  # pos: each answer token's own (label) position
+        attention = trim(side.batch)["attention_mask"].to(hidden.device)
+        out["hidden"], out["hidden_mask"] = hidden_states_at(hidden, pos, mask, attention, positions)
     if alt and side.refusal is not None:
         alt_logits, alt_labels, _ = _forward(model, side.refusal)
         out["alt_logp"], out["alt_mask"], _, _ = answer_logp(alt_logits, alt_labels)
@@ -148,16 +182,17 @@ def _quantities(model, side: Samples, needs: frozenset[str], layer: int | None, 
 
 
 @torch.no_grad()
-def reference_quantities(reference, side: Samples, needs: frozenset[str], layer: int | None) -> dict[str, torch.Tensor]:
+def reference_quantities(reference, side: Samples, needs: frozenset[str], layer: int | None,
+                         positions: str = "answer") -> dict[str, torch.Tensor]:
     """What a term needs from the frozen reference model, computed without gradients and cached on the side."""
     want = {n for n in needs if n.startswith("ref_")}
-    key = (tuple(sorted(want)), layer)
+    key = (tuple(sorted(want)), layer, positions)
     if key in side.ref:
         return side.ref[key]
     if not want:
         return {}
     q = _quantities(reference, side, frozenset(n[4:] for n in want) | ({"hidden"} if "ref_hidden" in want else set()),
-                    layer, alt="ref_alt_logp" in want)
+                    layer, alt="ref_alt_logp" in want, positions=positions)
     got = {}
     if "ref_logp" in want:
         got["ref_logp"] = q["logp"]
@@ -173,18 +208,26 @@ def reference_quantities(reference, side: Samples, needs: frozenset[str], layer:
     return side.ref[key]
 
 
+def hidden_reading(term: Term) -> tuple[int | None, str]:
+    """The block a term reads hidden states after (its ``layer``) and at which positions (its ``positions``
+    parameter, default the answer tokens); ``(None, "answer")`` for a term that reads none."""
+    if not term.spec.needs & {"hidden", "ref_hidden"}:
+        return None, "answer"
+    return term.params.get("layer"), term.params.get("positions", "answer")
+
+
 def objective_inputs(model, term: Term, side: Samples, reference) -> ObjectiveInputs:
     """Run the forward passes ``term`` needs on ``side`` and pack them (with reference quantities)."""
     needs = term.spec.needs
-    layer = term.params.get("layer") if needs & {"hidden", "ref_hidden"} else None
-    q = _quantities(model, side, needs, layer, alt="alt" in needs)
-    ref = reference_quantities(reference, side, needs, layer) if reference is not None else {}
+    layer, positions = hidden_reading(term)
+    q = _quantities(model, side, needs, layer, alt="alt" in needs, positions=positions)
+    ref = reference_quantities(reference, side, needs, layer, positions) if reference is not None else {}
     missing = {n for n in needs if n.startswith("ref_")} - set(ref)
     if missing:
         raise ObjectiveError(f"objective {term.name!r} needs {', '.join(sorted(missing))} from a reference model")
     return ObjectiveInputs(
         logp=q["logp"], mask=q["mask"], ids=side.ids, full_logp=q["full_logp"] if "full_logp" in needs else None,
-        hidden=q.get("hidden"), hidden_mask=q["mask"] if "hidden" in q else None,
+        hidden=q.get("hidden"), hidden_mask=q.get("hidden_mask"),
         alt_logp=q.get("alt_logp"), alt_mask=q.get("alt_mask"),
         all_logp=q.get("all_logp") if "all_logp" in needs else None, **ref)
 

@@ -51,14 +51,22 @@ def npo(x: ObjectiveInputs, beta: float = 0.1) -> torch.Tensor:
     return -(2.0 / beta) * F.logsigmoid(-beta * (_seq_logp(x) - x.sum(x.ref_logp)))
 
 
-def _simnpo_weight(x: ObjectiveInputs, beta: float = 2.5, delta: float = 0.0) -> torch.Tensor:
-    return 2.0 * torch.sigmoid(beta * x.mean(x.logp) + delta)
+def _simnpo_margin(x: ObjectiveInputs, beta: float, delta: float, delta_inside: bool) -> torch.Tensor:
+    """SimNPO's logsigmoid argument: ``-β·mean_k log p_k − δ``, or ``β·(mean_k nll_k − δ)`` with ``delta_inside``."""
+    return -beta * (x.mean(x.logp) + delta) if delta_inside else -beta * x.mean(x.logp) - delta
+
+
+def _simnpo_weight(x: ObjectiveInputs, beta: float = 2.5, delta: float = 0.0, delta_inside: bool = False):
+    return 2.0 * torch.sigmoid(-_simnpo_margin(x, beta, delta, delta_inside))
 
 
 @objective("simnpo", weight=_simnpo_weight, bounds={"beta": "> 0", "delta": ">= 0"})
-def simnpo(x: ObjectiveInputs, beta: float = 2.5, delta: float = 0.0) -> torch.Tensor:
-    """Simple NPO (reference-free, length-normalised): ℓ = -(2/β)·logsigmoid(-β·mean_k log p_k − δ)."""
-    return -(2.0 / beta) * F.logsigmoid(-beta * x.mean(x.logp) - delta)
+def simnpo(x: ObjectiveInputs, beta: float = 2.5, delta: float = 0.0, delta_inside: bool = False) -> torch.Tensor:
+    """Simple NPO (reference-free, length-normalised): ℓ = -(2/β)·logsigmoid(-β·mean_k log p_k − δ).
+
+    ``delta_inside``: δ is subtracted from the mean NLL inside β, ℓ = -(2/β)·logsigmoid(β·(mean_k nll_k − δ)),
+    as the official SimNPO code and open-unlearning write it (the same as δ_ours = β·δ)."""
+    return -(2.0 / beta) * F.logsigmoid(_simnpo_margin(x, beta, delta, delta_inside))
 
 
 def npo_token_weight(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float, alpha: float = 0.0):
@@ -68,30 +76,40 @@ def npo_token_weight(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float, al
     return 2.0 * torch.exp(alpha * logp) * torch.sigmoid(beta * (logp - ref_logp))
 
 
-def _tnpo_weight(x: ObjectiveInputs, beta: float = 1.0) -> torch.Tensor:
+def _tnpo_weight(x: ObjectiveInputs, beta: float = 1.0, pooled: bool = False) -> torch.Tensor:
     return x.mean(npo_token_weight(x.logp, x.ref_logp, beta))
 
 
-def _wtnpo_weight(x: ObjectiveInputs, alpha: float = 1.5, beta: float = 1.0) -> torch.Tensor:
+def _wtnpo_weight(x: ObjectiveInputs, alpha: float = 1.5, beta: float = 1.0, pooled: bool = False) -> torch.Tensor:
     return x.mean(npo_token_weight(x.logp, x.ref_logp, beta, alpha))
 
 
 @objective("tnpo", needs=("ref_logp",), weight=_tnpo_weight, bounds={"beta": "> 0"})
-def tnpo(x: ObjectiveInputs, beta: float = 1.0) -> torch.Tensor:
-    """Token-wise NPO: ℓ = -mean_k w_k·nll_k, w_k = sg(2p_k^β/(p_k^β+p_o,k^β))."""
-    return -x.mean(npo_token_weight(x.logp, x.ref_logp, beta) * x.nll)
+def tnpo(x: ObjectiveInputs, beta: float = 1.0, pooled: bool = False) -> torch.Tensor:
+    """Token-wise NPO: ℓ = -mean_k w_k·nll_k, w_k = sg(2p_k^β/(p_k^β+p_o,k^β)) (``pooled``: the token mean over
+    the batch, as the paper's code)."""
+    return -x.token_mean(npo_token_weight(x.logp, x.ref_logp, beta) * x.nll, pooled=pooled)
 
 
 @objective("wtnpo", needs=("ref_logp",), weight=_wtnpo_weight, bounds={"alpha": ">= 0", "beta": "> 0"})
-def wtnpo(x: ObjectiveInputs, alpha: float = 1.5, beta: float = 1.0) -> torch.Tensor:
-    """Weighted token-wise NPO: ℓ = -mean_k w_k·nll_k, w_k = sg(2p_k^(β+α)/(p_k^β+p_o,k^β))."""
-    return -x.mean(npo_token_weight(x.logp, x.ref_logp, beta, alpha) * x.nll)
+def wtnpo(x: ObjectiveInputs, alpha: float = 1.5, beta: float = 1.0, pooled: bool = False) -> torch.Tensor:
+    """Weighted token-wise NPO: ℓ = -mean_k w_k·nll_k, w_k = sg(2p_k^(β+α)/(p_k^β+p_o,k^β)) (``pooled``: the
+    token mean over the batch, as the paper's code)."""
+    return -x.token_mean(npo_token_weight(x.logp, x.ref_logp, beta, alpha) * x.nll, pooled=pooled)
 
 
-@objective("po", needs=("alt",))
-def po(x: ObjectiveInputs) -> torch.Tensor:
-    """Preference optimisation towards a refusal: ℓ = mean_k nll_k of a refusal answer to the question."""
-    return -x.mean(x.alt_logp, x.alt_mask)
+REFUSAL_DRAWS = ("fixed", "per_fetch")
+
+
+@objective("po", needs=("alt",), bounds={"refusal": "{fixed, per_fetch}", "refusal_seed": ">= 0"})
+def po(x: ObjectiveInputs, refusal: str = "fixed", refusal_seed: int = 0, pooled: bool = False) -> torch.Tensor:
+    """Preference optimisation towards a refusal: ℓ = mean_k nll_k of a refusal answer to the question
+    (``pooled``: the token mean over the batch's refusal tokens, as the paper's code).
+
+    ``refusal`` (read by the engine): ``"fixed"`` pairs each question with one refusal for good (picked by its id);
+    ``"per_fetch"`` draws a refusal at random every time a batch is fetched (a seeded generator, ``refusal_seed``),
+    as TOFU's and the paper's data loaders do."""
+    return -x.token_mean(x.alt_logp, x.alt_mask, pooled=pooled)
 
 
 def _dpo_margin(x: ObjectiveInputs) -> torch.Tensor:
@@ -99,14 +117,16 @@ def _dpo_margin(x: ObjectiveInputs) -> torch.Tensor:
     return refusal - (_seq_logp(x) - x.sum(x.ref_logp))
 
 
-def _dpo_weight(x: ObjectiveInputs, beta: float = 0.1) -> torch.Tensor:
+def _dpo_weight(x: ObjectiveInputs, beta: float = 0.1, refusal: str = "fixed", refusal_seed: int = 0):
     return 2.0 * torch.sigmoid(-beta * _dpo_margin(x))
 
 
-@objective("dpo", needs=("ref_logp", "alt", "ref_alt_logp"), weight=_dpo_weight, bounds={"beta": "> 0"})
-def dpo(x: ObjectiveInputs, beta: float = 0.1) -> torch.Tensor:
+@objective("dpo", needs=("ref_logp", "alt", "ref_alt_logp"), weight=_dpo_weight,
+           bounds={"beta": "> 0", "refusal": "{fixed, per_fetch}", "refusal_seed": ">= 0"})
+def dpo(x: ObjectiveInputs, beta: float = 0.1, refusal: str = "fixed", refusal_seed: int = 0) -> torch.Tensor:
     """DPO with the refusal preferred over the answer:
-    ℓ = -(2/β)·logsigmoid(β·[(log p − log p_o)(refusal) − (log p − log p_o)(answer)]), sequence sums."""
+    ℓ = -(2/β)·logsigmoid(β·[(log p − log p_o)(refusal) − (log p − log p_o)(answer)]), sequence sums
+    (``refusal``, ``refusal_seed``: how the refusal is drawn, as for ``po``)."""
     return -(2.0 / beta) * F.logsigmoid(beta * _dpo_margin(x))
 
 
@@ -118,13 +138,22 @@ def rmu_direction(dim: int, seed: int, normalize: bool, dtype: torch.dtype, devi
     return u.to(dtype=dtype, device=device)
 
 
-@objective("rmu", needs=("hidden",), bounds={"c": "> 0", "seed": ">= 0"})
+HIDDEN_POSITIONS = ("answer", "predicting", "all")
+
+
+@objective("rmu", needs=("hidden",), bounds={"c": "> 0", "seed": ">= 0", "positions": "{answer, predicting, all}"})
 def rmu(x: ObjectiveInputs, layer: int | None = None, c: float = 5.0, seed: int = 0,
-        normalize: bool = False) -> torch.Tensor:
+        normalize: bool = False, positions: str = "answer", pooled: bool = False) -> torch.Tensor:
     """Representation misdirection: ℓ = mean_k mean_d (h_ℓ,k − c·u)², h_ℓ the hidden state after block
-    ``layer`` (default ⌊2L/3⌋) at the answer tokens, u a fixed seeded vector ~U[0,1)^d."""
+    ``layer`` (default ⌊2L/3⌋) at the answer tokens, u a fixed seeded vector ~U[0,1)^d.
+
+    ``positions`` (read by the engine) picks the hidden states: ``"answer"`` each answer token's own position (as
+    open-unlearning), ``"predicting"`` the positions whose outputs predict the answer tokens (one earlier: the last
+    prompt token to the second-to-last answer token, as the paper's code), ``"all"`` every position of the
+    question and answer (as the original RMU on plain text). ``pooled``: the mean over all of the batch's positions
+    (as the paper's code) instead of per sample."""
     u = rmu_direction(x.hidden.shape[-1], seed, normalize, x.hidden.dtype, x.hidden.device)
-    return x.mean((x.hidden - c * u).pow(2).mean(-1), x.hidden_mask)
+    return x.token_mean((x.hidden - c * u).pow(2).mean(-1), x.hidden_mask, pooled=pooled)
 
 
 def _satimp_weight(x: ObjectiveInputs, beta1: float = 5.0, beta2: float = 1.0, pooled: bool = False):

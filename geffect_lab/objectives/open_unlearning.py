@@ -11,7 +11,8 @@ method         method_args (defaults)                           composite
 GradAscent     (none)                                           ``wga(alpha=0, pooled=True)``
 GradDiff       gamma=1, alpha=1, retain_loss_type=NLL           ``gamma*wga(alpha=0, pooled=True) + alpha*R``
 NPO            beta=0.1, gamma=1, alpha=1, NLL                  ``gamma*npo(beta) + alpha*R``
-SimNPO         delta=0, beta=4.5, gamma=0.125, alpha=1, NLL     ``gamma*simnpo(beta, delta=beta*delta) + alpha*R``
+SimNPO         delta=0, beta=4.5, gamma=0.125, alpha=1, NLL     ``gamma*simnpo(beta, delta, delta_inside=True)
+                                                                + alpha*R``
 DPO            beta=0.1, gamma=1, alpha=1, NLL                  ``gamma*dpo(beta) + alpha*R``
 RMU            steering_coeff=2, module_regex=model\\.layers\\.7, ``gamma*rmu(layer, c=steering_coeff,
                gamma=1, alpha=1, retain_loss_type=EMBED_DIFF    normalize=True) + alpha*R``
@@ -38,7 +39,7 @@ Conventions that differ from ours, and the parameter that gives open-unlearning'
   ``rmu(normalize=True)``; open-unlearning draws it from the global random state, ours from ``rmu.seed``, so the
   losses agree for the same direction only.
 * SimNPO's ``delta`` is subtracted from the mean NLL inside ``beta``: ``logsigmoid(beta·(nll̄ − delta))``; our
-  ``simnpo.delta`` is the margin outside it, so ``delta_ours = beta · delta``.
+  ``simnpo.delta`` is by default the margin outside it: ``simnpo(delta_inside=True)`` takes theirs.
 * Defaults are those of the trainer configs (NPO and DPO ``beta=0.1``, RMU ``steering_coeff=2``), not of the
   trainer classes' signatures. ``trainable_params_regex`` selects parameters, not a loss: only "all" is accepted
   here; freeze parameters on the model instead (G-effects are taken over the trainable parameters).
@@ -146,7 +147,7 @@ def _forget_term(name: str, args: dict[str, Any], layer: int | None) -> Term:
     if name == "NPO":
         return npo(beta=args["beta"])
     if name == "SimNPO":
-        return simnpo(beta=args["beta"], delta=args["beta"] * args["delta"])
+        return simnpo(beta=args["beta"], delta=args["delta"], delta_inside=True)
     if name == "DPO":
         return dpo(beta=args["beta"])
     if name == "RMU":

@@ -103,31 +103,41 @@ class ObjectiveInputs:
 @dataclass(frozen=True)
 class Bound:
     """The valid range of a numeric objective parameter: ``Bound.parse("> 0")``, ``">= 0"``, ``"<= 1"``,
-    ``"[0, 1]"``, ``"(0, 1]"``. Every float parameter must also be finite."""
+    ``"[0, 1]"``, ``"(0, 1]"``; or the valid values of a text parameter: ``"{answer, predicting, all}"``. Every
+    float parameter must also be finite."""
 
     low: float | None = None
     high: float | None = None
     low_open: bool = False
     high_open: bool = False
+    choices: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, text: str) -> Bound:
         text = text.replace(" ", "")
+        listed = re.fullmatch(r"\{([A-Za-z0-9_\-]+(?:,[A-Za-z0-9_\-]+)*)\}", text)
+        if listed:
+            return cls(choices=tuple(listed[1].split(",")))
         one = re.fullmatch(r"(>=|>|<=|<)([-+0-9.eE]+)", text)
         if one:
             op, value = one[1], float(one[2])
             return cls(low=value, low_open=op == ">") if op[0] == ">" else cls(high=value, high_open=op == "<")
         two = re.fullmatch(r"([\[(])([-+0-9.eE]+),([-+0-9.eE]+)([\])])", text)
         if not two:
-            raise ObjectiveError(f"cannot read the bound {text!r}; write '> 0', '>= 0', '<= 1' or '[0, 1]'")
+            raise ObjectiveError(f"cannot read the bound {text!r}; write '> 0', '>= 0', '<= 1', '[0, 1]' or "
+                                 "'{a, b}' (the valid values of a text parameter)")
         return cls(float(two[2]), float(two[3]), two[1] == "(", two[4] == ")")
 
-    def contains(self, value: float) -> bool:
+    def contains(self, value) -> bool:
+        if self.choices:
+            return value in self.choices
         above = self.low is None or (value > self.low if self.low_open else value >= self.low)
         below = self.high is None or (value < self.high if self.high_open else value <= self.high)
         return above and below
 
     def __str__(self) -> str:
+        if self.choices:
+            return f"in {{{', '.join(self.choices)}}}"
         if self.high is None:
             return f"{'>' if self.low_open else '>='} {self.low:g}"
         if self.low is None:

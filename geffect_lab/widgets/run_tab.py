@@ -17,9 +17,13 @@ from .common import STYLE, Log, RunStore
 def param_widget(name: str, param, bound=None) -> W.Widget:
     """A widget for one objective parameter, from its default and annotation; a numeric parameter with a
     declared :class:`~geffect_lab.objectives.Bound` gets it as the widget's limits (an open end, such as
-    ``beta > 0``, is then refused by the objective with its message)."""
+    ``beta > 0``, is then refused by the objective with its message), a text parameter with declared choices a
+    dropdown of them."""
     default = None if param.default is param.empty else param.default
     ann = str(param.annotation)
+    if bound is not None and bound.choices:  # a text parameter with its valid values
+        return W.Dropdown(options=list(bound.choices), value=default if default in bound.choices else
+                          bound.choices[0], description=name, style=STYLE, layout=W.Layout(width="220px"))
     if isinstance(default, bool) or "bool" in ann:
         return W.Checkbox(value=bool(default), description=name, style=STYLE, indent=False)
     limits = {}

@@ -21,9 +21,11 @@ def test_every_builtin_is_registered_with_its_role():
 
 def test_parameters_and_defaults_come_from_the_signature():
     assert gl.get_objective("npo").defaults == {"beta": 0.1}
-    assert gl.get_objective("simnpo").defaults == {"beta": 2.5, "delta": 0.0}
-    assert gl.get_objective("wtnpo").defaults == {"alpha": 1.5, "beta": 1.0}
-    assert gl.get_objective("rmu").defaults == {"layer": None, "c": 5.0, "seed": 0, "normalize": False}
+    assert gl.get_objective("simnpo").defaults == {"beta": 2.5, "delta": 0.0, "delta_inside": False}
+    assert gl.get_objective("wtnpo").defaults == {"alpha": 1.5, "beta": 1.0, "pooled": False}
+    assert gl.get_objective("rmu").defaults == {"layer": None, "c": 5.0, "seed": 0, "normalize": False,
+                                                "positions": "answer", "pooled": False}
+    assert gl.get_objective("po").defaults == {"refusal": "fixed", "refusal_seed": 0, "pooled": False}
     assert gl.get_objective("ga").defaults == {}
     assert gl.get_objective("npo").needs == {"ref_logp"}
     assert gl.get_objective("dpo").needs == {"ref_logp", "alt", "ref_alt_logp"}
@@ -58,7 +60,7 @@ def test_bad_parameters_name_the_valid_ones():
         resolve_objective("ga+npo")
     assert resolve_objective("npo", {"beta": "0.3"}).terms[0].params["beta"] == 0.3  # CLI strings convert
     assert resolve_objective("rmu", {"normalize": "true", "layer": "1"}).terms[0].params == {
-        "layer": 1, "c": 5.0, "seed": 0, "normalize": True}
+        "layer": 1, "c": 5.0, "seed": 0, "normalize": True, "positions": "answer", "pooled": False}
 
 
 def test_a_user_objective_is_indistinguishable_from_a_builtin(scratch_objectives):
