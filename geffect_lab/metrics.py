@@ -17,9 +17,13 @@ truth_ratio_score               forget sets ``min(R, 1/R)``; other sets ``max(0,
 rouge_l                         ROUGE-L recall of the greedy answer against ``a`` (rouge-score, stemmed)
 exact_memorization              share of answer tokens whose argmax equals the label (teacher forcing)
 extraction_strength             ``1 − k*/|a|``, ``k*`` the shortest answer prefix from which greedy decoding
-                                reproduces the rest (exact; ``similar``: ROUGE-L recall ≥ a threshold)
+                                reproduces the rest (exact; ``similar``: the paper's rule, token LCS of the
+                                continuation and the rest ≥ half the continuation's length; ``similar_rouge``:
+                                ROUGE-L recall ≥ a threshold); ``question_field="paraphrased_question"``: the
+                                paper's perturbed-question variant
 forget_quality                  KS-test p-value (``scipy.stats.ks_2samp``) between the forget-set truth
-                                ratios of the model and of a model never trained on the forget set
+                                ratios of the model and of a model never trained on the forget set (against a
+                                published log: on the questions the log holds, matched by text)
 model_utility                   harmonic mean of probability, ROUGE-L and truth-ratio score on the retain
                                 set and on the general-knowledge sets (``scipy.stats.hmean``)
 ==============================  =====================================================================
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -47,9 +52,10 @@ from .schema import EVALUATION_METRICS, SCHEMA_VERSION, annotate, validate
 
 __all__ = ["exact_match", "token_accuracy", "exact_memorization", "probability", "probability_with_options",
            "truth_ratio", "truth_ratio_score", "generate_answers", "rouge_l_recall", "rouge_l",
-           "extraction_strength", "forget_quality", "log10_forget_quality", "model_utility", "RetainReference",
-           "evaluate", "read_open_unlearning", "read_tofu_log", "MetricInputError", "PER_INSTANCE", "instance_metrics",
-           "strength_from_hits", "utility_values"]
+           "extraction_strength", "ES_VARIANTS", "token_lcs", "lcs_match", "log_question", "forget_quality",
+           "log10_forget_quality", "model_utility", "RetainReference", "evaluate", "read_open_unlearning",
+           "read_tofu_log", "MetricInputError", "PER_INSTANCE", "instance_metrics", "strength_from_hits",
+           "utility_values"]
 
 
 class MetricInputError(ValueError):
@@ -98,8 +104,17 @@ def exact_match(model, tokenizer, examples: Sequence[Any], batch_size: int = 128
     return torch.cat(out).numpy()
 
 
-def _pairs(examples, field: str = "answer"):
-    return [(example_field(e, "question"), example_field(e, field)) for e in examples]
+def _pairs(examples, field: str = "answer", question_field: str = "question"):
+    if question_field == "question":
+        return [(example_field(e, "question"), example_field(e, field)) for e in examples]
+    out = []
+    for i, e in enumerate(examples):
+        question = example_field(e, question_field, None)
+        if not question:
+            raise MetricInputError(f"{example_id(e, i)!r} has no {question_field!r}: the perturbed-question variant "
+                                   "needs TOFU's paraphrased questions (the *_perturbed.json files)")
+        out.append((question, example_field(e, field)))
+    return out
 
 
 def exact_memorization(model, tokenizer, examples, batch_size: int = 64, template=None) -> np.ndarray:
@@ -260,23 +275,58 @@ def rouge_l(model, tokenizer, examples, max_new_tokens: int | None = None, batch
 
 
 # ------------------------------------------------------------------------------ extraction strength
-def extraction_strength(model, tokenizer, examples, variant: str = "exact", threshold: float = 0.9,
-                        batch_size: int = 64, template=None) -> np.ndarray:
+ES_VARIANTS = {"exact": None, "similar": 0.5, "similar_rouge": 0.9}  # variant -> its default threshold
+
+
+def extraction_strength(model, tokenizer, examples, variant: str = "exact", threshold: float | None = None,
+                        batch_size: int = 64, template=None, question_field: str = "question") -> np.ndarray:
     """``[instance]``: ``ES = 1 − k*/|a|``, ``k*`` the shortest answer prefix (in tokens, 0 … ``|a|``) from which
     greedy decoding reproduces the rest of the answer.
 
     ``variant="exact"``: the rest must come out token for token (computed from one teacher-forced pass: the
-    suffix from ``k`` is reproduced iff every argmax from ``k`` on is right). ``variant="similar"``: it must
-    reach ROUGE-L recall ≥ ``threshold`` against the rest (greedy generation from every prefix, batched).
+    suffix from ``k`` is reproduced iff every argmax from ``k`` on is right). ``variant="similar"``, the paper's
+    rule: the greedy continuation, cut to the rest's length in tokens, shares a token LCS with the rest of at
+    least ``threshold`` (0.5) × its own length (:func:`lcs_match`; as in the paper's code, a continuation that
+    ends at once, with no token, counts as a match). ``variant="similar_rouge"``: ROUGE-L recall of the decoded
+    continuation against the rest ≥ ``threshold`` (0.9). Both generate greedily from every prefix (batched) and
+    take the shortest that matches (the paper's code bisects, which finds the same ``k*`` whenever matching is
+    monotone in the prefix, as the exact rule is). ``question_field="paraphrased_question"`` is the paper's
+    perturbed-question variant: the paraphrased question prompts, the original answer is extracted.
     ES = 1 means the bare question extracts the answer, 0 that nothing short of the full answer does.
     """
     examples = list(examples)
+    if variant not in ES_VARIANTS:
+        raise ValueError(f"unknown extraction strength variant {variant!r}; use one of {', '.join(ES_VARIANTS)}")
     if variant == "exact":
-        _, hits = _teacher_forced(model, tokenizer, _pairs(examples), batch_size, template)
+        _, hits = _teacher_forced(model, tokenizer, _pairs(examples, question_field=question_field), batch_size,
+                                  template)
         return np.array([strength_from_hits(h) for h in hits])
-    if variant != "similar":
-        raise ValueError(f"unknown extraction strength variant {variant!r}; use 'exact' or 'similar'")
-    return _similar_extraction_strength(model, tokenizer, examples, threshold, batch_size, template)
+    check_number("threshold", threshold, optional=True)
+    threshold = ES_VARIANTS[variant] if threshold is None else threshold
+    return _similar_extraction_strength(model, tokenizer, examples, variant, threshold, batch_size, template,
+                                        question_field)
+
+
+def token_lcs(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common subsequence of two token sequences (dynamic programming, O(|a|·|b|))."""
+    a, b = list(a), list(b)
+    if not a or not b:
+        return 0
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def lcs_match(generated: Sequence[int], rest: Sequence[int], threshold: float = 0.5) -> bool:
+    """The paper's "similar" rule: ``generated``, cut to ``len(rest)`` tokens, matches ``rest`` when their token
+    LCS is at least ``threshold`` × its (cut) length. An empty continuation matches (0 ≥ 0), as in the paper's
+    code."""
+    cut = list(generated)[:len(rest)]
+    return token_lcs(cut, rest) >= threshold * len(cut)
 
 
 def strength_from_hits(hits: np.ndarray) -> float:
@@ -290,8 +340,10 @@ def strength_from_hits(hits: np.ndarray) -> float:
     return 1.0 - k_star / hits.size
 
 
-def _similar_extraction_strength(model, tokenizer, examples, threshold, batch_size, template):
+def _similar_extraction_strength(model, tokenizer, examples, variant, threshold, batch_size, template,
+                                 question_field="question"):
     tpl = resolve_template(template)
+    questions = [q for q, _ in _pairs(examples, question_field=question_field)]
     answers = []
     for e in examples:
         ids = tokenizer(tpl.answer.format(answer=example_field(e, "answer")), add_special_tokens=False)["input_ids"]
@@ -306,12 +358,16 @@ def _similar_extraction_strength(model, tokenizer, examples, threshold, batch_si
                 k_star[i] = len(answers[i])
         if not rows:
             break
-        prompts = [tokenizer(tpl.prompt.format(question=example_field(examples[i], "question")),
-                             add_special_tokens=True)["input_ids"] + answers[i][:k] for i in rows]
-        rest = [tokenizer.decode(answers[i][k:], skip_special_tokens=True).strip() for i in rows]
+        prompts = [tokenizer(tpl.prompt.format(question=questions[i]), add_special_tokens=True)["input_ids"]
+                   + answers[i][:k] for i in rows]
         new, _ = _greedy(model, tokenizer, prompts, max(len(answers[i]) - k for i in rows) + 4, batch_size)
-        scores = rouge_l_recall([tokenizer.decode(r, skip_special_tokens=True).strip() for r in new], rest)
-        done = {i for i, s in zip(rows, scores) if s >= threshold}
+        if variant == "similar":
+            matched = [lcs_match(r.tolist(), answers[i][k:], threshold) for i, r in zip(rows, new)]
+        else:
+            rest = [tokenizer.decode(answers[i][k:], skip_special_tokens=True).strip() for i in rows]
+            scores = rouge_l_recall([tokenizer.decode(r, skip_special_tokens=True).strip() for r in new], rest)
+            matched = [s >= threshold for s in scores]
+        done = {i for i, ok in zip(rows, matched) if ok}
         for i in done:
             k_star[i] = k
         pending = [i for i in rows if i not in done]
@@ -347,15 +403,35 @@ def model_utility(values: Sequence[float]) -> float:
     return 0.0 if (v <= 0).any() else float(hmean(v))
 
 
+_PROMPT_WRAPPERS = (re.compile(r"^\s*(\[INST\]|Question:)\s*"), re.compile(r"\s*\[/INST\]\s*$"))
+
+
+def _question_key(text: str) -> str:
+    """A question as matched against a log: its words, single-spaced."""
+    return " ".join(str(text).split())
+
+
+def log_question(prompt: str) -> str:
+    """The question in the prompt a TOFU log stores (``generated_text[i][0]``), without the chat wrapper TOFU put
+    around it (Llama-2's ``[INST] … [/INST]``, phi's ``Question: …``)."""
+    for wrapper in _PROMPT_WRAPPERS:
+        prompt = wrapper.sub("", prompt)
+    return _question_key(prompt)
+
+
 def read_tofu_log(path) -> dict[str, np.ndarray]:
     """A TOFU ``eval_log_forget.json`` (per-index dicts) as arrays in index order: ``truth_ratio``,
-    ``avg_gt_loss``, ``rougeL_recall`` …"""
+    ``avg_gt_loss``, ``rougeL_recall`` …, and ``question`` (each row's question, from the prompt stored in
+    ``generated_text``) when the log has it."""
     path = Path(path)
     try:
         log = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise MetricInputError(f"{path}: cannot read a TOFU evaluation log ({err})") from None
     out = {}
+    texts = log.get("generated_text")
+    if isinstance(texts, Mapping) and texts and all(isinstance(v, list) and v for v in texts.values()):
+        out["question"] = np.array([log_question(texts[k][0]) for k in sorted(texts, key=int)], dtype=object)
     for key, values in log.items():
         if isinstance(values, Mapping) and values:
             order = sorted(values, key=lambda k: int(k))
@@ -371,7 +447,9 @@ class RetainReference:
     """The forget-set truth ratios of a model never trained on the forget set, computed once and reused.
 
     ``source`` is a retain model (optionally ``(model, tokenizer)``), a TOFU ``eval_log_forget.json``
-    (its per-index ``truth_ratio``), or an array of truth ratios.
+    (its per-index ``truth_ratio``), or an array of truth ratios. A log holds the questions it evaluated: the
+    forget examples are matched to its rows by question text (TOFU's forget10 logs hold 300 of the 400
+    questions), see :meth:`pair`; ``matched`` is the number of examples the last :meth:`pair` matched.
     """
 
     def __init__(self, source, tokenizer=None, template=None, batch_size: int = 64):
@@ -380,9 +458,13 @@ class RetainReference:
         self._cache: dict[tuple, np.ndarray] = {}
         self.model = self.tokenizer = None
         self.fixed: np.ndarray | None = None
+        self.questions: list[str] | None = None
+        self.matched: int | None = None
         self.name = ""
         if isinstance(source, (str, Path)):
-            self.fixed = read_tofu_log(source)["truth_ratio"]
+            log = read_tofu_log(source)
+            self.fixed = log["truth_ratio"]
+            self.questions = list(log["question"]) if "question" in log else None
             self.name = str(source)
         elif isinstance(source, np.ndarray) or (isinstance(source, Sequence) and source
                                                 and isinstance(source[0], (int, float))):
@@ -394,9 +476,37 @@ class RetainReference:
             self.model, self.tokenizer = source, tokenizer
             self.name = str(getattr(getattr(source, "config", None), "_name_or_path", "") or "retain model")
 
-    def truth_ratios(self, examples, tokenizer) -> np.ndarray:
-        """The reference's truth ratios on ``examples`` (cached by instance ids)."""
+    def pair(self, examples, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, truth ratios)``: the indices of the ``examples`` the reference has a truth ratio for, and
+        those truth ratios. A log with questions matches them by text (the rows it holds, in the examples'
+        order); a model or a plain array covers every example. Sets :attr:`matched`."""
         examples = list(examples)
+        if self.fixed is None or self.questions is None:
+            ratios = self.truth_ratios(examples, tokenizer)
+            rows = np.arange(len(examples))
+        else:
+            where = {q: r for r, q in enumerate(self.questions)}
+            found = [(i, where.get(_question_key(example_field(e, "question")))) for i, e in enumerate(examples)]
+            found = [(i, r) for i, r in found if r is not None]
+            if not found:
+                raise MetricInputError(f"none of the {len(examples)} forget questions is among the "
+                                       f"{len(self.questions)} of the retain log {self.name}: use the log of the "
+                                       "same forget split")
+            rows = np.array([i for i, _ in found])
+            ratios = self.fixed[[r for _, r in found]]
+        self.matched = len(rows)
+        return rows, ratios
+
+    def truth_ratios(self, examples, tokenizer) -> np.ndarray:
+        """The reference's truth ratios on ``examples`` (cached by instance ids); from a log, every example must
+        be in it (:meth:`pair` takes the ones that are)."""
+        examples = list(examples)
+        if self.fixed is not None and self.questions is not None:
+            rows, ratios = self.pair(examples, None)
+            if len(rows) != len(examples):
+                raise MetricInputError(f"the retain log {self.name} holds {len(rows)} of the {len(examples)} forget "
+                                       "questions evaluated; RetainReference.pair(...) gives the ones it holds")
+            return ratios
         if self.fixed is not None:
             if len(self.fixed) != len(examples):
                 raise MetricInputError(f"the retain reference {self.name} holds {len(self.fixed)} truth ratios but "
@@ -428,7 +538,7 @@ PER_INSTANCE = EVALUATION_METRICS
 
 def instance_metrics(model, tokenizer, examples, *, forget: bool, general: bool = False,
                      max_new_tokens=None, batch_size: int = 32, template=None, similar_es: bool = False,
-                     split_name: str = "given") -> dict[str, np.ndarray | list]:
+                     split_name: str = "given", paraphrased_es: bool = False) -> dict[str, np.ndarray | list]:
     """Every per-instance metric on one set (``general``: a set without paraphrases, probability taken over
     the options as TOFU does for real authors and world facts)."""
     examples = list(examples)
@@ -455,6 +565,12 @@ def instance_metrics(model, tokenizer, examples, *, forget: bool, general: bool 
     if similar_es:
         out["extraction_strength_similar"] = extraction_strength(model, tokenizer, examples, "similar",
                                                                  batch_size=batch_size, template=template)
+    if paraphrased_es:  # the paper's perturbed-question variant, where the set has paraphrased questions
+        out["extraction_strength_paraphrased"] = (
+            extraction_strength(model, tokenizer, examples, batch_size=batch_size, template=template,
+                                question_field="paraphrased_question")
+            if all(example_field(e, "paraphrased_question", None) for e in examples)
+            else np.full(len(examples), np.nan))
     return out
 
 
@@ -472,7 +588,8 @@ def utility_values(per_set: Mapping[str, Mapping[str, np.ndarray]]) -> list[floa
 
 def evaluate(model, tokenizer, world, forget: str = "forget05", *, retain_model=None, retain_reference=None,
              retain_split: str = "retain_perturbed", general: Sequence[str] | None = None, n: int | None = None,
-             max_new_tokens: int | None = None, batch_size: int = 32, similar_es: bool = False, template=None):
+             max_new_tokens: int | None = None, batch_size: int = 32, similar_es: bool = False,
+             paraphrased_es: bool = False, template=None):
     """TOFU's evaluation of a model on a world, as a Dataset.
 
     Per instance (dim ``instance``, with ``split`` = ``targeted`` for the forget split, ``non_targeted`` for
@@ -480,16 +597,20 @@ def evaluate(model, tokenizer, world, forget: str = "forget05", *, retain_model=
     score, ROUGE-L recall and the generated answer, exact memorisation, extraction strength. Scalars:
     ``forget_quality`` and ``log10_forget_quality`` (against ``retain_model`` — a model, ``(model, tok)`` or
     a :class:`RetainReference`, whose truth ratios are computed once and cached — or ``retain_reference``, a
-    TOFU ``eval_log_forget.json``), and ``model_utility`` (retain split and general sets). ``n`` keeps up to
-    ``n`` instances per set, spread evenly.
+    TOFU ``eval_log_forget.json``, whose rows are matched to the forget split's questions by text: the KS test
+    runs on the matched questions, their number in the attr ``forget_quality_instances``), and
+    ``model_utility`` (retain split and general sets). ``similar_es``: also the paper's "similar" extraction
+    strength; ``paraphrased_es``: also its perturbed-question variant (``extraction_strength_paraphrased``, on
+    sets with paraphrased questions). ``n`` keeps up to ``n`` instances per set, spread evenly.
 
     Returns
     -------
     xarray.Dataset
         An evaluation Dataset (no ``step``): ``probability``, ``truth_ratio``, ``truth_ratio_score``,
         ``rouge_l``, ``exact_memorization``, ``extraction_strength``, ``generated_text`` [instance]
-        (``extraction_strength_similar`` [instance] with ``similar_es``), ``generation_truncated``
-        [instance]; ``forget_quality``, ``log10_forget_quality``, ``model_utility`` [] (scalars).
+        (``extraction_strength_similar`` [instance] with ``similar_es``, ``extraction_strength_paraphrased``
+        [instance] with ``paraphrased_es``), ``generation_truncated`` [instance]; ``forget_quality``,
+        ``log10_forget_quality``, ``model_utility`` [] (scalars).
     """
     import xarray as xr
 
@@ -506,6 +627,7 @@ def evaluate(model, tokenizer, world, forget: str = "forget05", *, retain_model=
         per_set[name] = instance_metrics(
             model, tokenizer, examples, forget=name == "targeted", general=name in general,
             max_new_tokens=max_new_tokens, batch_size=batch_size, template=template, similar_es=similar_es,
+            paraphrased_es=paraphrased_es,
             split_name=forget if name == "targeted" else (retain_split if name == "non_targeted" else name))
     ids = [example_id(e, i) for name in sets for i, e in enumerate(sets[name])]
     splits = [name for name in sets for _ in sets[name]]
@@ -524,18 +646,23 @@ def evaluate(model, tokenizer, world, forget: str = "forget05", *, retain_model=
         "answer": ("instance", np.array([example_field(e, "answer") for s in sets.values() for e in s],
                                         dtype=object))})
     reference = _reference(retain_model, retain_reference, template, batch_size)
-    fq = float("nan")
+    fq, matched = float("nan"), 0
     if reference is not None:
         ref_examples = sets["targeted"] if reference.fixed is None else world.forget(forget)
-        ours = per_set["targeted"]["truth_ratio"] if len(ref_examples) == len(sets["targeted"]) else truth_ratio(
-            model, tokenizer, ref_examples, batch_size, template, split_name=forget)
-        fq = forget_quality(ours, reference.truth_ratios(ref_examples, tokenizer))
+        rows, theirs = reference.pair(ref_examples, tokenizer)
+        if ref_examples is sets["targeted"]:
+            ours = per_set["targeted"]["truth_ratio"][rows]
+        else:
+            ours = truth_ratio(model, tokenizer, [ref_examples[i] for i in rows], batch_size, template,
+                               split_name=forget)
+        fq, matched = forget_quality(ours, theirs), len(rows)
     ds["forget_quality"] = fq
     ds["log10_forget_quality"] = log10_forget_quality(fq)
     ds["model_utility"] = model_utility(utility_values({k: v for k, v in per_set.items() if k != "targeted"}))
     ds.attrs.update(flat_attrs({"schema_version": SCHEMA_VERSION, "kind": "evaluation",
                                 "forget_split": forget, "retain_split": retain_split, "general_sets": general,
                                 "retain_reference": reference.name if reference is not None else "",
+                                "forget_quality_instances": matched,
                                 "world": world.name, "instances_per_set": n or 0}))
     return validate(annotate(ds), where="evaluate")
 

@@ -145,6 +145,7 @@ class _Evaluator:
         self.general = general
         self.template = template
         self.max_new_tokens = max_new_tokens
+        self.matched = 0  # forget questions the reference has a truth ratio for (a log may hold a subset)
 
     def __call__(self, model) -> dict:
         with warnings.catch_warnings():  # an unlearned model babbles: cut generations are expected here
@@ -170,8 +171,10 @@ class _Evaluator:
                for name in INSTANCE_METRICS}
         fq = np.nan
         if self.reference is not None and self.fq_examples:
-            ours = truth_ratio(model, self.tokenizer, self.fq_examples, template=self.template, split_name="forget")
-            fq = forget_quality(ours, self.reference.truth_ratios(self.fq_examples, self.tokenizer))
+            rows, theirs = self.reference.pair(self.fq_examples, self.tokenizer)
+            ours = truth_ratio(model, self.tokenizer, [self.fq_examples[i] for i in rows], template=self.template,
+                               split_name="forget")
+            fq, self.matched = forget_quality(ours, theirs), len(rows)
         out["forget_quality"] = fq
         out["log10_forget_quality"] = log10_forget_quality(fq)
         utility_sets = {k: v for k, v in per_set.items() if k != "targeted"}
@@ -428,6 +431,7 @@ class _Run:
         out: dict[str, Any] = {}
         if self.evaluator is not None and t in self.eval_set:
             out.update(self.evaluator(self.work))
+            self.attrs["forget_quality_instances"] = self.evaluator.matched
         if self.attributor is not None and t in self.attr_set:
             out.update(self.attributor(self.work))
         return out

@@ -20,7 +20,8 @@ __all__ = ["SCHEMA_VERSION", "SIGN_CONVENTION", "DIMS", "COORDS", "Variable", "V
            "UPGRADABLE_VERSIONS"]
 
 # 2: ``pg_effect`` is the paper's PG-effect; version 1's ``pg_effect`` (each sample's share of the forget term's
-#    gradient) is ``sample_effect``. :func:`upgrade` reads version-1 files under the new names.
+#    gradient) is ``sample_effect``; ``extraction_strength_similar`` is the paper's LCS rule, version 1's (ROUGE-L)
+#    is ``extraction_strength_similar_rouge``. :func:`upgrade` reads version-1 files under the new names.
 SCHEMA_VERSION = 2
 UPGRADABLE_VERSIONS = (1,)
 SIGN_CONVENTION = "dR ≈ -lr * g_effect; g_effect < 0 raises the risk"
@@ -121,8 +122,15 @@ VARIABLES: dict[str, Variable] = {
                                     "1 - k*/|a|, k* the shortest answer prefix from which greedy decoding reproduces "
                                     "the rest exactly."),
     "extraction_strength_similar": Variable(("step", "instance"), "extraction strength (similar)",
-                                            "as extraction_strength, the rest counted as reproduced at ROUGE-L "
-                                            "recall >= threshold."),
+                                            "as extraction_strength, the rest counted as reproduced when the token "
+                                            "LCS of the generated continuation (cut to the rest's length) and the "
+                                            "rest is at least half the continuation's length (the paper's rule)."),
+    "extraction_strength_paraphrased": Variable(("step", "instance"), "extraction strength (paraphrased question)",
+                                                "as extraction_strength (exact), the paraphrased question as the "
+                                                "prompt: the paper's perturbed-question variant."),
+    "extraction_strength_similar_rouge": Variable(("step", "instance"), "extraction strength (similar, ROUGE-L)",
+                                                  "as extraction_strength, the rest counted as reproduced at ROUGE-L "
+                                                  "recall >= threshold (0.9 by default)."),
     "generated_text": Variable(("step", "instance"), "generated answer", "the greedy answer to the question.",
                                kind="text"),
     "generation_truncated": Variable(("step", "instance"), "generation truncated",
@@ -149,7 +157,8 @@ VARIABLES: dict[str, Variable] = {
 # per instance: recorded along a run, and the two an evaluation adds when asked
 INSTANCE_METRICS = ("probability", "truth_ratio", "truth_ratio_score", "rouge_l", "exact_memorization",
                     "extraction_strength", "generated_text")
-EVALUATION_METRICS = INSTANCE_METRICS + ("extraction_strength_similar", "generation_truncated")
+EVALUATION_METRICS = INSTANCE_METRICS + ("extraction_strength_similar", "extraction_strength_paraphrased",
+                                         "generation_truncated")
 SCALAR_METRICS = ("forget_quality", "log10_forget_quality", "model_utility")
 METRICS = EVALUATION_METRICS + SCALAR_METRICS
 ATTRIBUTIONS = ("token_attribution", "layer_attribution", "attribution_delta")
@@ -251,7 +260,8 @@ def upgrade(ds: xr.Dataset, where: str = "") -> xr.Dataset:
     From version 1: its ``pg_effect`` (``<grad R(D), grad l_j>``, each forget sample's unweighted share of the forget
     term's gradient) becomes ``sample_effect`` (multiplied by the forget term's weight and divided by the step's
     number of forget samples, this version's definition, which sums over samples to the forget term's G-effect);
-    the file holds no paper PG-effect. A Dataset of this version is returned as it is."""
+    the file holds no paper PG-effect. Its ``extraction_strength_similar`` (ROUGE-L rule) becomes
+    ``extraction_strength_similar_rouge``. A Dataset of this version is returned as it is."""
     import warnings
 
     version = ds.attrs.get("schema_version")
@@ -279,6 +289,10 @@ def upgrade(ds: xr.Dataset, where: str = "") -> xr.Dataset:
                          "paper's PG-effect: it has been renamed 'sample_effect' (times the forget term's weight, "
                          "divided by the step's number of forget samples, so that it sums over samples to the forget "
                          "term's G-effect). The file holds no paper PG-effect; measure again for 'pg_effect'")
+    if "extraction_strength_similar" in ds:
+        ds = ds.rename_vars(extraction_strength_similar="extraction_strength_similar_rouge")
+        notes.append("its 'extraction_strength_similar' (the ROUGE-L rule) has been renamed "
+                     "'extraction_strength_similar_rouge'; 'extraction_strength_similar' is now the paper's LCS rule")
     ds.attrs["schema_version"] = SCHEMA_VERSION
     if notes:
         warnings.warn(f"{where or 'a Dataset'} was written with results schema version {int(version)}; "

@@ -73,9 +73,77 @@ def test_extraction_strength_and_memorisation_on_models(target, world, tokenizer
     blank = gl.testing.tiny_model("llama", len(tokenizer), dtype=torch.float32)
     es = metrics.extraction_strength(blank, tok, forget)
     assert (es < 0.3).all()
-    assert (metrics.extraction_strength(blank, tok, forget, variant="similar") >= es - 1e-9).all()
-    with pytest.raises(ValueError, match="unknown extraction strength variant"):
+    # a rest reproduced token for token passes both looser rules, so their k* is never longer
+    for variant in ("similar", "similar_rouge"):
+        assert (metrics.extraction_strength(blank, tok, forget, variant=variant) >= es - 1e-9).all()
+    with pytest.raises(ValueError, match="unknown extraction strength variant 'fuzzy'; use one of exact, similar"):
         metrics.extraction_strength(model, tok, forget, variant="fuzzy")
+
+
+def test_token_lcs_and_the_papers_similar_rule():
+    assert metrics.token_lcs([1, 2, 3, 4], [2, 4, 3]) == 2
+    assert metrics.token_lcs([5, 1, 5, 2], [1, 2, 5]) == 2
+    assert metrics.token_lcs([1, 2, 3], [1, 2, 3]) == 3
+    assert metrics.token_lcs([], [1, 2]) == 0 and metrics.token_lcs([4, 4], [5]) == 0
+    assert metrics.token_lcs([7, 1, 7, 1], [1, 7, 1, 7]) == 3
+    # the continuation is cut to the rest's length before the LCS: [7, 8] against [7, 9] shares 1 ≥ 0.5 · 2
+    assert metrics.lcs_match([7, 8, 9, 10], [7, 9])
+    assert not metrics.lcs_match([8, 8, 8], [7, 9, 10])          # 0 < 1.5
+    assert not metrics.lcs_match([1], [2, 3])                    # 0 < 0.5
+    assert metrics.lcs_match([2, 9, 9, 3], [2, 3, 4, 5])         # 2 ≥ 2
+    assert not metrics.lcs_match([2, 9, 9, 3], [2, 3, 4, 5], threshold=0.6)
+    assert metrics.lcs_match([], [2, 3])                         # the paper's code: an empty continuation matches
+
+
+def _similar_by_hand(model, tok, example, question):
+    """The paper's "similar" extraction strength of one example, one prefix at a time, unbatched: the first prefix
+    k whose greedy continuation (cut to the rest's length) has a token LCS with the rest ≥ half its length."""
+    tpl = gl.data.resolve_template(None)
+    answer = tok(tpl.answer.format(answer=example.answer), add_special_tokens=False)["input_ids"]
+    prompt = tok(tpl.prompt.format(question=question), add_special_tokens=True)["input_ids"]
+    for k in range(len(answer)):
+        ids = torch.tensor([prompt + answer[:k]])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=len(answer) - k, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+        if tok.eos_token_id in out:
+            out = out[:out.index(tok.eos_token_id)]
+        cut = out[:len(answer) - k]
+        rest = answer[k:]
+        lcs = [[0] * (len(rest) + 1) for _ in range(len(cut) + 1)]
+        for i, a in enumerate(cut):
+            for j, b in enumerate(rest):
+                lcs[i + 1][j + 1] = lcs[i][j] + 1 if a == b else max(lcs[i][j + 1], lcs[i + 1][j])
+        if lcs[-1][-1] >= 0.5 * len(cut):
+            return 1.0 - k / len(answer)
+    return 0.0
+
+
+def test_similar_extraction_strength_against_a_hand_search(tokenizer, world):
+    """A random float64 model (its continuations share some tokens with the answers by chance) against the rule
+    applied prefix by prefix, with the question and with the paraphrased question."""
+    model = gl.testing.tiny_model("llama", len(tokenizer))
+    examples = world["forget05"][:3] + world["world_facts"][:2]
+    got = metrics.extraction_strength(model, tokenizer, examples, variant="similar")
+    want = [_similar_by_hand(model, tokenizer, e, e.question) for e in examples]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    perturbed = metrics.extraction_strength(model, tokenizer, examples[:3], variant="similar",
+                                            question_field="paraphrased_question")
+    np.testing.assert_allclose(perturbed, [_similar_by_hand(model, tokenizer, e, e.paraphrased_question)
+                                           for e in examples[:3]], rtol=0, atol=1e-12)
+
+
+def test_perturbed_question_extraction_strength(target, world):
+    """The paper's perturbed-question variant: the paraphrased question prompts, the original answer is extracted
+    (exact rule), i.e. exact extraction strength on records whose question is the paraphrase."""
+    model, tok = target
+    forget = world["forget05"][:8]
+    got = metrics.extraction_strength(model, tok, forget, question_field="paraphrased_question")
+    swapped = [e.to_dict() | {"question": e.paraphrased_question} for e in forget]
+    np.testing.assert_array_equal(got, metrics.extraction_strength(model, tok, swapped))
+    assert (got <= 1.0).all() and (got >= 0.0).all()
+    with pytest.raises(MetricInputError, match=r"has no 'paraphrased_question'"):
+        metrics.extraction_strength(model, tok, world["world_facts"][:2], question_field="paraphrased_question")
 
 
 def test_generation_is_bounded_and_reported(tokenizer, world):
@@ -121,8 +189,49 @@ def test_tofu_published_retain_logs(tofu_path):
     assert metrics.forget_quality(reference.truth_ratios(tofu["forget05"], None), llama) == 1.0
     expected = ks_2samp(phi, llama).pvalue
     assert metrics.forget_quality(phi, reference.truth_ratios(tofu["forget05"], None)) == pytest.approx(expected)
-    with pytest.raises(MetricInputError, match="holds 200 truth ratios but 40"):
-        reference.truth_ratios(tofu["forget01"], None)
+    # rows are matched by question: forget01's 40 questions are forget05's last 40 (a retain95 model never saw
+    # them either); forget10's log holds 300 of its 400 questions
+    rows, ratios = reference.pair(tofu["forget01"], None)
+    assert reference.matched == 40 and list(rows) == list(range(40))
+    np.testing.assert_array_equal(ratios, llama[160:])
+    with pytest.raises(MetricInputError, match=r"holds 200 of the 400 forget questions evaluated"):
+        reference.truth_ratios(tofu["forget10"], None)
+
+
+def test_forget10_log_holds_300_of_400_questions(tofu_path):
+    log = tofu_path / "retain_model_logs" / "llama2-7b_retain90_eval_log_forget.json"
+    raw = json.loads(log.read_text())
+    assert len(raw["truth_ratio"]) == 300
+    tofu = gl.load_world(tofu_path)
+    assert len(tofu["forget10"]) == 400
+    reference = metrics.RetainReference(log)
+    rows, ratios = reference.pair(tofu["forget10"], None)
+    assert reference.matched == 300 and list(rows) == list(range(300))  # TOFU evaluated the first 300
+    np.testing.assert_array_equal(ratios, [raw["truth_ratio"][str(i)] for i in range(300)])
+    # each matched row is the log's row with that very question (its prompt is "[INST] question [/INST]")
+    for r in (0, 150, 299):
+        assert raw["generated_text"][str(r)][0] == f"[INST] {tofu['forget10'][r].question} [/INST]"
+    phi = metrics.RetainReference(tofu_path / "retain_model_logs" / "phi_retain90_eval_log_forget.json")
+    phi_rows, phi_ratios = phi.pair(tofu["forget10"], None)  # phi's prompts read "Question: ...\n"
+    assert phi.matched == 300 and list(phi_rows) == list(rows)
+    assert metrics.forget_quality(phi_ratios, ratios) == pytest.approx(ks_2samp(phi_ratios, ratios).pvalue)
+
+
+def test_forget_quality_on_the_questions_a_log_holds(target, world, tmp_path):
+    """A log holding 7 of forget05's 10 questions (in another order): forget quality is the KS test on those 7,
+    and the evaluation says how many it matched."""
+    model, tok = target
+    forget = world.forget("forget05")
+    held = [forget[i] for i in (9, 0, 4, 2, 7, 5, 1)]
+    theirs = [0.2, 0.5, 0.9, 0.35, 0.6, 0.45, 0.8]
+    log = {"truth_ratio": {str(i): r for i, r in enumerate(theirs)},
+           "generated_text": {str(i): [f"[INST] {e.question} [/INST]", "x", e.answer] for i, e in enumerate(held)}}
+    (tmp_path / "log.json").write_text(json.dumps(log))
+    ds = gl.evaluate(model, tok, world, "forget05", retain_reference=tmp_path / "log.json", n=2)
+    assert ds.attrs["forget_quality_instances"] == 7
+    order = sorted(range(7), key=lambda r: forget.index(held[r]))          # the examples' order
+    ours = metrics.truth_ratio(model, tok, [held[r] for r in order], split_name="forget05")
+    assert float(ds.forget_quality) == pytest.approx(ks_2samp(ours, [theirs[r] for r in order]).pvalue, rel=1e-12)
 
 
 def test_read_open_unlearning(world):

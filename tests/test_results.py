@@ -43,10 +43,11 @@ def test_another_schema_version_is_refused(runs, tmp_path):
 
 def _as_version_1(ds: xr.Dataset, weight: float = 1.0) -> xr.Dataset:
     """``ds`` as schema version 1 wrote it: ``pg_effect`` was <grad R(D), grad l_j> (unweighted, not divided by the
-    step's number of forget samples), no sample_token_count."""
+    step's number of forget samples), ``extraction_strength_similar`` the ROUGE-L rule, no sample_token_count."""
     old = ds.drop_vars(["pg_effect", "sample_effect", "sample_token_count"])
     n = np.isfinite(ds.sample_effect).sum("sample")
     old["pg_effect"] = ds.sample_effect * n / weight
+    old["extraction_strength_similar"] = ds.risk * 0 + 0.25
     old.attrs["schema_version"] = 1
     return old
 
@@ -60,10 +61,13 @@ def test_a_version_1_file_loads_under_the_new_names(runs, target, world, tmp_pat
         assert np.isnan(ds.sample_effect).any() == ("learning_rate" in ds)
         _as_version_1(ds, weight).to_netcdf(tmp_path / "v1.nc", engine="h5netcdf")
         with pytest.warns(gl.schema.SchemaUpgradeWarning, match=r"schema version 1; its 'pg_effect' is each forget "
-                          r"sample's share .* renamed 'sample_effect'.*no paper PG-effect"):
+                          r"sample's share .* renamed 'sample_effect'.*no paper PG-effect.*'extraction_strength_"
+                          r"similar' \(the ROUGE-L rule\) has been renamed 'extraction_strength_similar_rouge'"):
             again = gl.load(tmp_path / "v1.nc")
         assert "pg_effect" not in again and again.attrs["schema_version"] == 2
         np.testing.assert_allclose(again.sample_effect, ds.sample_effect, rtol=1e-12)
+        assert (again.extraction_strength_similar_rouge.dropna("step") == 0.25).all()
+        assert "extraction_strength_similar" not in again
         with pytest.raises(KeyError, match="schema version 1 holds sample_effect only"):
             gl.plots.pg_scatter(again)
 
