@@ -218,8 +218,9 @@ def pg_scatter(ds: xr.Dataset, *, step: int | None = None, title: str | None = N
     step; ``var="sample_effect"`` plots each sample's weighted share of the objective's G-effect instead."""
     if var not in ("pg_effect", "sample_effect"):
         raise ValueError(f"var={var!r}: use 'pg_effect' (the paper's) or 'sample_effect'")
-    old = "; a file of results schema version 1 holds sample_effect only: measure again, or plot " \
-          "var='sample_effect'" if var == "pg_effect" and isinstance(ds, xr.Dataset) and "sample_effect" in ds else ""
+    old = "; this file, of results schema version 1, holds sample_effect only: measure again, or plot " \
+          "var='sample_effect'" if var == "pg_effect" and isinstance(ds, xr.Dataset) and \
+        ds.attrs.get("schema_upgraded_from") == 1 else ""
     _needs(ds, var, how=f"record it with record=(..., {var!r}){old}", step=step)
     pg = ds[var]
     if step is not None:

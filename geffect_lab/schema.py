@@ -261,7 +261,8 @@ def upgrade(ds: xr.Dataset, where: str = "") -> xr.Dataset:
     term's gradient) becomes ``sample_effect`` (multiplied by the forget term's weight and divided by the step's
     number of forget samples, this version's definition, which sums over samples to the forget term's G-effect);
     the file holds no paper PG-effect. Its ``extraction_strength_similar`` (ROUGE-L rule) becomes
-    ``extraction_strength_similar_rouge``. A Dataset of this version is returned as it is."""
+    ``extraction_strength_similar_rouge``. The attr ``schema_upgraded_from`` keeps the version read. A Dataset of
+    this version is returned as it is."""
     import warnings
 
     version = ds.attrs.get("schema_version")
@@ -294,6 +295,7 @@ def upgrade(ds: xr.Dataset, where: str = "") -> xr.Dataset:
         notes.append("its 'extraction_strength_similar' (the ROUGE-L rule) has been renamed "
                      "'extraction_strength_similar_rouge'; 'extraction_strength_similar' is now the paper's LCS rule")
     ds.attrs["schema_version"] = SCHEMA_VERSION
+    ds.attrs["schema_upgraded_from"] = int(version)
     if notes:
         warnings.warn(f"{where or 'a Dataset'} was written with results schema version {int(version)}; "
                       + "; ".join(notes) + ".", SchemaUpgradeWarning, stacklevel=3)

@@ -285,6 +285,7 @@ def test_metrics_along_a_run(target, world):
     rouge_forget = ds.rouge_l.where(ds.split == "targeted").mean("instance")
     assert float(rouge_forget.isel(step=0)) == 1.0 and float(rouge_forget.isel(step=-1)) < 0.3
     assert float(ds.forget_quality.isel(step=0)) < 0.05 < float(ds.forget_quality.isel(step=-1))
+    assert ds.attrs["forget_quality_instances"] == len(world["forget05"])  # the zoo's retain model: every one
     assert ds.generated_text.isel(step=0).values[0] == world["forget05"][0].answer
     assert float(ds.model_utility.isel(step=-1)) < float(ds.model_utility.isel(step=0))
 

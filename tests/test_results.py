@@ -65,10 +65,11 @@ def test_a_version_1_file_loads_under_the_new_names(runs, target, world, tmp_pat
                           r"similar' \(the ROUGE-L rule\) has been renamed 'extraction_strength_similar_rouge'"):
             again = gl.load(tmp_path / "v1.nc")
         assert "pg_effect" not in again and again.attrs["schema_version"] == 2
+        assert again.attrs["schema_upgraded_from"] == 1
         np.testing.assert_allclose(again.sample_effect, ds.sample_effect, rtol=1e-12)
         assert (again.extraction_strength_similar_rouge.dropna("step") == 0.25).all()
         assert "extraction_strength_similar" not in again
-        with pytest.raises(KeyError, match="schema version 1 holds sample_effect only"):
+        with pytest.raises(KeyError, match="this file, of results schema version 1, holds sample_effect only"):
             gl.plots.pg_scatter(again)
 
 
