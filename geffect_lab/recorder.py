@@ -177,8 +177,8 @@ class GEffectRecorder:
         -------
         xarray.Dataset
             ``g_effect`` [step, instance, layer, term], ``g_effect_token`` [step, instance, token],
-            ``pg_effect`` [step, sample, against], ``update_effect`` [step, instance, layer], ``risk``
-            [step, instance], ``objective_loss`` [step], ``learning_rate`` [step].
+            ``pg_effect`` and ``sample_effect`` [step, sample, against], ``update_effect`` [step, instance, layer],
+            ``risk`` [step, instance], ``objective_loss`` [step], ``learning_rate`` [step].
         """
         if not len(self):
             raise ValueError("nothing recorded yet: call record(model, step) (or use trainer_callback()) first")

@@ -650,8 +650,9 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
     -------
     xarray.Dataset
         The recorded steps (``step`` = the step before whose update each measurement is taken): ``g_effect``
-        [step, instance, layer, term], ``g_effect_token`` [step, instance, token], ``pg_effect``
-        [step, sample, against], ``update_effect`` [step, instance, layer] (those named in ``record``);
+        [step, instance, layer, term], ``g_effect_token`` [step, instance, token], ``pg_effect`` and
+        ``sample_effect`` [step, sample, against], ``update_effect`` [step, instance, layer] (those named in
+        ``record``);
         ``risk`` [step, instance], ``objective_loss`` [step], ``term_loss`` [step, term], ``sample_loss`` and
         ``sample_weight`` [step, sample], ``learning_rate`` [step], ``token_count`` [instance]; the metrics and
         attributions above when asked for. ``attrs["config"]`` is the run's :class:`RunConfig` as JSON.

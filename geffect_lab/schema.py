@@ -262,7 +262,15 @@ def upgrade(ds: xr.Dataset, where: str = "") -> xr.Dataset:
     number of forget samples, this version's definition, which sums over samples to the forget term's G-effect);
     the file holds no paper PG-effect. Its ``extraction_strength_similar`` (ROUGE-L rule) becomes
     ``extraction_strength_similar_rouge``. The attr ``schema_upgraded_from`` keeps the version read. A Dataset of
-    this version is returned as it is."""
+    this version is returned as it is.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``ds`` under this version's names: e.g. ``sample_effect`` [step, sample, against] where version 1 had
+        ``pg_effect``, ``extraction_strength_similar_rouge`` [step, instance] where it had
+        ``extraction_strength_similar``.
+    """
     import warnings
 
     version = ds.attrs.get("schema_version")

@@ -317,8 +317,9 @@ class Measurement:
         -------
         xarray.Dataset
             ``g_effect`` [step, instance, layer, term], ``g_effect_token`` [step, instance, token] (when
-            measured), ``pg_effect`` [step, sample, against] (when measured), ``risk`` [step, instance],
-            ``objective_loss`` [step], ``term_loss`` [step, term], ``sample_loss`` [step, sample], and ``data``.
+            measured), ``pg_effect`` and ``sample_effect`` [step, sample, against] (when measured), ``risk``
+            [step, instance], ``objective_loss`` [step], ``term_loss`` [step, term], ``sample_loss`` [step, sample],
+            and ``data``.
         """
         if samples is not None and list(samples) != self.sample_ids:
             effects = on_sample_axis(effects, samples, self.sample_ids)
