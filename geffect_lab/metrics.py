@@ -308,7 +308,7 @@ def extraction_strength(model, tokenizer, examples, variant: str = "exact", thre
 
 
 def token_lcs(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common subsequence of two token sequences (dynamic programming, O(|a|·|b|))."""
+    """Length of the longest common subsequence of two token sequences (dynamic programming, ``O(len(a)·len(b))``)."""
     a, b = list(a), list(b)
     if not a or not b:
         return 0
