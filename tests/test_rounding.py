@@ -29,8 +29,8 @@ def test_rounding_of_the_step_and_the_page():
     assert f32[0]["e_u_gap"] > 0.05  # measured: 39 % at lr 1e-4
     assert f32[0]["e_u_gap"] > f32[1]["e_u_gap"] > f32[2]["e_u_gap"]  # a larger step, relatively less rounding
     assert f32[0]["unchanged_share"] > f32[1]["unchanged_share"] > f32[2]["unchanged_share"] > 0
-    for lr in (1e-5, 1e-3):  # pure bfloat16: no weight a float64 step moves moves; the update effect is ~0
-        assert rows["bfloat16", lr]["unchanged_share"] == 1.0 and abs(rows["bfloat16", lr]["e_u_gap"] - 1) < 0.01
+    for lr in (1e-5, 1e-3):  # pure bfloat16: practically no weight moves (measured: all, or all but 3e-5), u ≈ 0
+        assert rows["bfloat16", lr]["unchanged_share"] > 0.999 and abs(rows["bfloat16", lr]["e_u_gap"] - 1) < 0.01
     (ROOT / "docs" / "rounding.md").write_text(f"""# What rounding does to a step
 
 Written by `tests/test_rounding.py` from `docs/rounding_study.py` (re-run either). The zoo's `target` takes 3
@@ -45,8 +45,8 @@ instances. In exact arithmetic `u = e` under SGD.
 weight in float32, 8e-3 in bfloat16). A step smaller than half that spacing is lost; the others are rounded to
 it. The zoo model is saturated (its answers have p ≈ 1), so GA's gradients are small and at lr 1e-4 most float32
 steps are lost or rounded: `u` and `e` differ by tens of percent. In bfloat16, at the paper's lr 1e-5 and even
-at 1e-3, none of the weights a float64 step moves changes: the run does (next to) nothing while its
-G-effects predict forgetting.
+at 1e-3, practically none of the weights a float64 step moves changes (the last column): the run does
+next to nothing while its G-effects predict forgetting.
 
 **What to do.**
 - Read `update_effect` (record it: `record=(..., "update_effect")`, or `GEffectRecorder.update`) for what a run
