@@ -49,7 +49,7 @@ def test_run_info_compare(tmp_path, capsys):
     capsys.readouterr()
     assert main(["info", str(a)]) == 0
     out = capsys.readouterr().out
-    assert "schema version 1" in out and "optimizer: adamw" in out and "mean_e_u" in out
+    assert f"schema version {gl.schema.SCHEMA_VERSION}" in out and "optimizer: adamw" in out and "mean_e_u" in out
     assert main(["compare", str(a), str(b), "--csv", str(tmp_path / "cmp.csv")]) == 0
     out = capsys.readouterr().out
     assert "npo" in out and "ga" in out

@@ -96,7 +96,8 @@ def test_any_results_dataset_survives_save_and_load(data, tmp_path_factory):
         return np.array(data.draw(st.lists(floats, min_size=int(np.prod(shape)), max_size=int(np.prod(shape)))),
                         dtype=np.float64).reshape(shape)
 
-    ids = data.draw(st.lists(st.text(min_size=1, max_size=5), min_size=n_inst, max_size=n_inst, unique=True))
+    ids = data.draw(st.lists(st.text(st.characters(blacklist_characters="\x00"), min_size=1, max_size=5),
+                             min_size=n_inst, max_size=n_inst, unique=True))
     axes = Axes(instance_ids=ids, splits=data.draw(st.lists(st.sampled_from(["targeted", "non_targeted"]),
                                                             min_size=n_inst, max_size=n_inst)),
                 questions=data.draw(st.lists(text, min_size=n_inst, max_size=n_inst)),
