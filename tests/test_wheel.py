@@ -156,7 +156,10 @@ def test_the_installed_wheel_works_outside_the_checkout(fresh_env, tmp_path):
     assert theirs["instance"] == ours["instance"] and len(ours["instance"]) == 6
     assert all(abs(x) < float("inf") for x in theirs["g_effect"])
     assert any(x != 0 for x in theirs["g_effect"])
-    assert theirs["g_effect"] == pytest.approx(ours["g_effect"], rel=1e-12, abs=0)
+    # transformers' Llama computes its RMSNorm in float32 even in a float64 model, so two processes with other
+    # thread counts agree to float32's precision, not float64's (CI measured 1.7e-8 relative): the tolerance of
+    # every test where HF computes in float32
+    assert theirs["g_effect"] == pytest.approx(ours["g_effect"], rel=1e-6, abs=0)
 
 
 @pytest.mark.slow
