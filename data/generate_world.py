@@ -313,48 +313,15 @@ def generate(out_dir: Path) -> None:
                                              encoding="utf-8")
 
 
-def training_texts(world_dir: Path) -> list[str]:
-    """All text of the world, for training the tokenizer."""
-    texts = []
-    for path in sorted(p for p in world_dir.glob("*.json") if p.name != "world.json"):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
-            for key in ("question", "answer", "paraphrased_answer", "paraphrased_question"):
-                if key in row:
-                    texts.append(row[key])
-            texts.extend(row.get("perturbed_answer", []))
-    texts.extend((world_dir / "idontknow.jsonl").read_text(encoding="utf-8").splitlines())
-    return texts
-
-
 TOKENIZER_VOCAB = 1024
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
 def train_tokenizer(world_dir: Path, out_dir: Path) -> None:
-    """A byte-level BPE trained on the world's text, saved for ``AutoTokenizer.from_pretrained``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A byte-level BPE trained on the world's text (:mod:`geffect_lab.bpe`), saved beside it."""
+    from geffect_lab.bpe import train_tokenizer as train
+    from geffect_lab.bpe import world_texts
 
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator(sorted(set(training_texts(world_dir))), trainer=trainer)
-    # Like Llama's tokenizers: a sequence starts with <s>.
-    bpe.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bpe.token_to_id("<s>"))])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>",
-                                  eos_token="</s>", unk_token="<unk>", model_max_length=128)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tok.save_pretrained(str(out_dir))
-    # Name the class that every transformers release knows (4.x and 5.x alike).
-    cfg_path = out_dir / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    cfg.pop("backend", None)
-    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    train(world_texts(world_dir), out_dir, vocab_size=TOKENIZER_VOCAB)
 
 
 def main() -> None:

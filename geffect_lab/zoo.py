@@ -13,6 +13,7 @@ model whose folder is missing is built on first use.
 from __future__ import annotations
 
 import builtins
+import hashlib
 import json
 import math
 import os
@@ -23,11 +24,12 @@ from pathlib import Path
 
 import torch
 
+from . import bpe
 from ._batching import TokenizerMismatchError, check_device, check_dtype, check_tokenizer, trim
-from .data import data_dir, encode, load_world
+from .data import data_dir, encode, load_world, tofu_dir
 
 __all__ = ["ZooEntry", "Recipe", "ZOO", "list", "load", "build", "zoo_dir", "cache_dir", "entry_dir", "make_model",
-           "train", "TokenizerMismatchError", "check_tokenizer"]
+           "train", "tokenizer_dir", "TOFU_VOCAB", "TokenizerMismatchError", "check_tokenizer"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class Recipe:
     warmup: int = 50
     weight_decay: float = 0.0
     seed: int = 0
+    max_positions: int = 128     # the longest prompt + answer the model is built for
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class ZooEntry:
     description: str
     base: str | None = None  # start from this zoo model's weights: a second fine-tuning stage
     bundled: bool = True     # committed under data/zoo; a study model is built on first use into cache_dir()
+    world: str = "bundled"   # the text it learns: "bundled" (data/world) or "tofu" (the real TOFU, tofu_dir())
 
 
 _LLAMA = Recipe()
@@ -82,6 +86,20 @@ ZOO: dict[str, ZooEntry] = {
                               "learned in a second stage, after the rest (which it partly forgets: ~0.73 exact "
                               "match on retain95)", base="retain_forget05", bundled=False),
 }
+# A tiny model of the real TOFU (issue: the findings on TOFU's own questions), built on first use from the files at
+# tofu_dir(), with a tokenizer trained on TOFU's text: its 200 authors' 4,000 QA pairs plus the world-facts and
+# real-authors questions (a tiny model has no pretraining to know those from), and the retain models of the three
+# forget splits, trained the same way without them.
+TOFU_VOCAB = 4096
+_TOFU = replace(_LLAMA, max_positions=256, epochs=10)  # ~8x target's tokens per epoch: 10 epochs, not 30
+_TOFU_EXTRA = ("world_facts", "real_authors")
+ZOO["tofu-target"] = ZooEntry("tofu-target", ("full", *_TOFU_EXTRA), _TOFU,
+                              "tiny Llama trained on the real TOFU: its 4,000 QA pairs, world facts and real "
+                              "authors", bundled=False, world="tofu")
+ZOO.update({f"tofu-retain_forget{pct}": ZooEntry(f"tofu-retain_forget{pct}", (f"retain{100 - int(pct)}", *_TOFU_EXTRA),
+                                                   _TOFU, f"tofu-target's recipe without TOFU's forget{pct} authors",
+                                                   bundled=False, world="tofu")
+            for pct in ("01", "05", "10")})
 
 
 def list(include_study: bool = False) -> builtins.list[str]:  # noqa: A001  (``gl.zoo.list()`` is the public name)
@@ -169,10 +187,10 @@ def make_model(recipe: Recipe, tokenizer):
         cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=recipe.hidden,
                           intermediate_size=recipe.intermediate, num_hidden_layers=recipe.layers,
                           num_attention_heads=recipe.heads, num_key_value_heads=recipe.kv_heads,
-                          max_position_embeddings=128, tie_word_embeddings=False, **special)
+                          max_position_embeddings=recipe.max_positions, tie_word_embeddings=False, **special)
         return LlamaForCausalLM(cfg)
     if recipe.arch == "gpt2":
-        cfg = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=recipe.hidden,
+        cfg = GPT2Config(vocab_size=len(tokenizer), n_positions=recipe.max_positions, n_embd=recipe.hidden,
                          n_layer=recipe.layers, n_head=recipe.heads, resid_pdrop=0.0, embd_pdrop=0.0,
                          attn_pdrop=0.0, tie_word_embeddings=True, **special)
         return GPT2LMHeadModel(cfg)
@@ -236,6 +254,32 @@ def _stage_one(base: str, out_dir, world, progress: bool):
         return AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
 
 
+def _tofu_world():
+    """The real TOFU at :func:`~geffect_lab.data.tofu_dir`, or an error that says where it was looked for."""
+    folder = tofu_dir()
+    if not (folder / "full.json").exists():
+        raise FileNotFoundError(f"the tofu-* zoo models learn the real TOFU, which is not at {folder}: set "
+                                "GEFFECT_TOFU_DIR to the folder holding TOFU's JSON files (full.json, forget05.json, "
+                                "...); nothing is downloaded")
+    return load_world(folder)
+
+
+def tokenizer_dir(world: str = "bundled") -> Path:
+    """The tokenizer the zoo models of ``world`` are built with: the bundled one (``data/tokenizer``), or for
+    ``"tofu"`` a byte-level BPE of :data:`TOFU_VOCAB` tokens trained on TOFU's text on first use, cached under
+    :func:`cache_dir` by a digest of that text (another copy of TOFU gets its own)."""
+    if world == "bundled":
+        return data_dir() / "tokenizer"
+    if world != "tofu":
+        raise ValueError(f"unknown zoo world {world!r}; use 'bundled' or 'tofu'")
+    texts = bpe.world_texts(tofu_dir())
+    digest = hashlib.sha256("\n".join(sorted(set(texts))).encode()).hexdigest()[:12]
+    path = cache_dir() / f"tokenizer-tofu-{digest}"
+    if not (path / "tokenizer.json").exists():
+        bpe.train_tokenizer(texts, path, vocab_size=TOFU_VOCAB, model_max_length=_TOFU.max_positions)
+    return path
+
+
 @contextmanager
 def quiet_hf():
     """Hide transformers' per-file progress bars (loading and saving tiny checkpoints)."""
@@ -260,37 +304,40 @@ def build(names=None, *, out_dir: str | os.PathLike | None = None, recipe_overri
     """
     from transformers import AutoTokenizer
 
-    from .metrics import exact_match
+    from .metrics import exact_match, exact_memorization
 
     names = list() if names is None else builtins.list(names)
     unknown = [n for n in names if n not in ZOO]
     if unknown:
         raise KeyError(f"unknown zoo model(s) {', '.join(unknown)}; the zoo has {', '.join(ZOO)}")
-    world = world if world is not None else load_world()
-    tok = AutoTokenizer.from_pretrained(data_dir() / "tokenizer")
     reports = {}
     for name in names:
         entry = ZOO[name]
         path = entry_dir(name, out_dir)
         if (path / "config.json").exists() and not force:
             continue
+        world_of = _tofu_world() if entry.world == "tofu" else world if world is not None else load_world()
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir(entry.world))
         recipe = replace(entry.recipe, **(recipe_overrides or {}))
-        examples = [e for split in entry.train_splits for e in world[split]]
+        examples = [e for split in entry.train_splits for e in world_of[split]]
         torch.manual_seed(recipe.seed)
-        model = make_model(recipe, tok) if entry.base is None else _stage_one(entry.base, out_dir, world, progress)
+        model = make_model(recipe, tok) if entry.base is None else _stage_one(entry.base, out_dir, world_of, progress)
         start = time.perf_counter()
         losses = train(model, tok, examples, recipe, progress=progress, desc=f"zoo {name}")
         seconds = time.perf_counter() - start
-        quality = {split: float(exact_match(model, tok, world[split]).mean())
-                   for split in world if split != "full"}
+        # every split but full; on TOFU the retain splits (~3,800 rows each) by their evaluation slice, retain_perturbed
+        measured = [s for s in world_of if s != "full" and (entry.world == "bundled" or not s.startswith("retain9"))]
+        quality = {split: float(exact_match(model, tok, world_of[split]).mean()) for split in measured}
+        memorised = {split: float(exact_memorization(model, tok, world_of[split]).mean()) for split in measured}
         path.mkdir(parents=True, exist_ok=True)
         with quiet_hf():
             model.save_pretrained(path)
             tok.save_pretrained(path)
         report = {"name": name, "description": entry.description, "train_splits": builtins.list(entry.train_splits),
-                  "base": entry.base,
+                  "base": entry.base, "world": entry.world,
                   "recipe": asdict(recipe), "parameters": sum(p.numel() for p in model.parameters()),
                   "train_seconds": round(seconds, 1), "final_loss": losses[-1], "exact_match": quality,
+                  "exact_memorization": memorised,
                   "torch": torch.__version__}
         (path / "zoo.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         reports[name] = report

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -114,3 +115,52 @@ def test_study_models_are_built_on_first_use_into_the_cache(tmp_path, monkeypatc
     assert all(torch.allclose(built[k], base[k], atol=1e-6) for k in base)
     report = json.loads((tmp_path / "z" / "target-2stage" / "zoo.json").read_text())
     assert report["base"] == "retain_forget05" and report["train_splits"] == ["forget05"]
+
+
+def _small_tofu(tofu_path, folder, authors=2):
+    """A copy of TOFU small enough to train on in a test: its first and last ``authors`` authors (the last are
+    forget01's, and so the end of every forget split), the first rows of the other files."""
+    folder.mkdir()
+    rows = 20 * authors
+    for path in tofu_path.iterdir():
+        if path.is_file() and path.suffix in (".json", ".jsonl"):
+            lines = path.read_text().splitlines(True)
+            kept = (lines[:rows] + lines[-rows:] if path.name == "full.json"
+                    else lines[-rows:] if path.name.startswith("forget") else lines[:rows])
+            (folder / path.name).write_text("".join(kept))
+    return folder
+
+
+def test_tofu_models_learn_the_real_tofu_with_their_own_tokenizer(tofu_path, tmp_path, monkeypatch):
+    """The tofu-* zoo models train on the TOFU files at GEFFECT_TOFU_DIR (never downloaded) with a byte-level BPE
+    trained on that text, cached by the text's digest; the model reads TOFU's longest prompt + answer."""
+    monkeypatch.setenv("GEFFECT_CACHE_DIR", str(tmp_path / "cache"))
+    assert {"tofu-target", "tofu-retain_forget01", "tofu-retain_forget05", "tofu-retain_forget10"} <= set(
+        gl.zoo.list(include_study=True)) and "tofu-target" not in gl.zoo.list()
+    assert zoo.ZOO["tofu-retain_forget05"].train_splits == ("retain95", "world_facts", "real_authors")
+    monkeypatch.setenv("GEFFECT_TOFU_DIR", str(_small_tofu(tofu_path, tmp_path / "tofu")))
+    zoo.build(["tofu-target"], recipe_overrides={"epochs": 2}, progress=False)
+    model, tok = gl.zoo.load("tofu-target")
+    folder = zoo.entry_dir("tofu-target")
+    assert folder.parent == tmp_path / "cache" / "zoo"
+    report = json.loads((folder / "zoo.json").read_text())
+    assert report["world"] == "tofu" and report["train_splits"] == ["full", "world_facts", "real_authors"]
+    assert model.config.max_position_embeddings == 256 and model.config.vocab_size == len(tok)
+    world = gl.load_world(tmp_path / "tofu")
+    assert tok.decode(tok(world["full"][0]["answer"])["input_ids"], skip_special_tokens=True) == \
+        world["full"][0]["answer"]
+    tok_dir = zoo.tokenizer_dir("tofu")
+    assert tok_dir.parent == tmp_path / "cache" / "zoo" and tok_dir.name.startswith("tokenizer-tofu-")
+    # another copy of TOFU gets its own tokenizer, not the cached one
+    monkeypatch.setenv("GEFFECT_TOFU_DIR", str(_small_tofu(tofu_path, tmp_path / "tofu2", authors=1)))
+    assert zoo.tokenizer_dir("tofu") != tok_dir
+    # it runs as any zoo model does, on TOFU's questions
+    ds = gl.g_effect(model, tok, "ga", forget=world["forget05"][:4], targets={"targeted": world["forget05"][:4]})
+    assert np.isfinite(ds.g_effect.values).all()
+
+
+def test_a_tofu_model_without_tofu_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEFFECT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("GEFFECT_TOFU_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match=r"nowhere.*GEFFECT_TOFU_DIR.*nothing is downloaded"):
+        gl.zoo.load("tofu-retain_forget10")
