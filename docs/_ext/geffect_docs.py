@@ -158,6 +158,17 @@ class ZooTable(_MarkdownDirective):
                        "retain99/95/90"], rows)
 
 
+class StudyZooTable(_MarkdownDirective):
+    """The study models: built on first use (not committed), so only their recipe is shown."""
+
+    def markdown(self) -> str:
+        rows = [[f"`{name}`", e.description, "the real TOFU" if e.world == "tofu" else "the bundled world",
+                 (f"`{e.base}`, then " if e.base else "") + " + ".join(e.train_splits),
+                 f"{e.recipe.hidden} / {e.recipe.layers} layers, {e.recipe.epochs} epochs"]
+                for name, e in gl.zoo.ZOO.items() if not e.bundled]
+        return _table(["model", "what", "text", "trained on", "width / depth, epochs"], rows)
+
+
 # --------------------------------------------------------------------------------------- checks
 def public_names() -> set[str]:
     """``geffect_lab.X`` for every X of ``dir(gl)`` that is not a module, and ``geffect_lab.M.X`` for every
@@ -247,4 +258,5 @@ def setup(app):
     app.add_directive("geffect-schema", SchemaTables)
     app.add_directive("geffect-metrics", MetricsTable)
     app.add_directive("geffect-zoo", ZooTable)
+    app.add_directive("geffect-zoo-study", StudyZooTable)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
