@@ -296,7 +296,7 @@ def claims_table(rows: list[dict]) -> str:
     for objective, fraction, selection in dict.fromkeys((r["objective"], r["fraction"], r["selection"])
                                                         for r in rows if r["row"].startswith("claim:")):
         cells = [keyed[objective, fraction, selection, f"claim:{name}"] for name in STATISTICS]
-        lines.append(f"| {objective.upper()} | {float(fraction):.0%} | {selection} | {cells[0]['test'][5:]} | "
+        lines.append(f"| {objective.upper()} | {_pct(fraction)} | {selection} | {cells[0]['test'][5:]} | "
                      + " | ".join(f"{_cell(c, '.2f', '+')} **{c['verdict']}**" for c in cells) + " |")
     return "\n".join(lines)
 
@@ -313,7 +313,7 @@ def values_table(rows: list[dict]) -> str:
                       key=lambda s: (OBJECTIVES.index(s[0]), float(s[1]), order[s[2]]))
     for setting in settings:
         cells = [keyed[(*setting, f"value:{name}")] for name in names]
-        lines.append(f"| {setting[0].upper()} | {float(setting[1]):.0%} | {setting[2]} | "
+        lines.append(f"| {setting[0].upper()} | {_pct(setting[1])} | {setting[2]} | "
                      + " | ".join("—" if c["mean"] == "nan" else _cell(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -327,12 +327,56 @@ def ranking_table(ranking: list[dict], n: int = 5) -> str:
     return "\n".join(lines)
 
 
-MARKERS = {name: (f"<!-- {name} table: written by docs/selection_study.py -->", f"<!-- end of {name} table -->")
-           for name in ("ranking", "claims", "values")}
+def _pct(fraction) -> str:
+    return f"{float(fraction) * 100:.0f} %"
+
+
+def _times(r: dict) -> str:
+    """A claim's mean log10 ratio and interval as factors: "1.08× [0.81×, 1.49×] (inconclusive)"."""
+    mean, low, high = (10 ** float(r[k]) for k in ("mean", "ci_low", "ci_high"))
+    return f"{mean:.2f}× [{low:.2f}×, {high:.2f}×] (*{r['verdict']}*)"
+
+
+def answer(rows: list[dict]) -> str:
+    """The measured answer in words, per objective and fraction, from the CSV's rows."""
+    keyed = {(r["objective"], r["fraction"], r["selection"], r["row"]): r for r in rows}
+    lines = []
+    for objective, fraction in dict.fromkeys((r["objective"], r["fraction"]) for r in rows
+                                             if r["row"].startswith("claim:")):
+        parts = []
+        for selection in ("top", "bottom"):
+            c = {name: keyed[objective, fraction, selection, f"claim:{name}"] for name in STATISTICS}
+            parts.append(f"the {selection} {_pct(fraction)} forgets all 50 samples {_times(c['forget_at_damage'])} "
+                         f"as much as a random {_pct(fraction)} does, and the samples it leaves out "
+                         f"{_times(c['unselected_at_damage'])}; after {BUDGET} steps its forget rise per retain rise "
+                         f"is {_times(c['forget_per_damage'])} the random subset's")
+        lines.append(f"- **{objective.upper()}, x = {_pct(fraction)}.** At equal damage ({TAU:g} nat), "
+                     + ". At equal damage, ".join(parts) + ".")
+    reference = [keyed.get((*key, "value:forget_at_damage"))
+                 for key in (("ga", "1", "all"), ("ga", "0.2", "random"), ("ga", "0.5", "random"))]
+    if all(reference):
+        lines.append(f"- **For scale** (GA): the forget rise at {TAU:g} nat of damage is {_cell(reference[0])} nat "
+                     f"when the whole forget set is unlearned, {_cell(reference[1])} for a random 20 % and "
+                     f"{_cell(reference[2])} for a random 50 %.")
+    facts = {r["row"]: float(r["mean"]) for r in rows if r["row"].startswith("fact:spearman")}
+    overlap = {r["fraction"]: float(r["mean"]) for r in rows if r["row"] == "fact:overlap_with_riskiest"}
+    if facts and overlap:
+        lines.append(f"- **What the ranking is made of**: the PG-effect's Spearman correlation with the sample's own "
+                     f"risk before unlearning is {facts['fact:spearman_pg_initial_risk']:.2f}, with its answer length "
+                     f"{facts['fact:spearman_pg_answer_tokens']:.2f}, with its PG-effect on the retain risk "
+                     f"{facts['fact:spearman_pg_pg_non_targeted']:.2f}; "
+                     + ", ".join(f"{share:.0%} of the top {_pct(f)}" for f, share in overlap.items())
+                     + " are among the samples of highest initial risk.")
+    return "\n".join(lines)
+
+
+MARKERS = {name: (f"<!-- {name}: written by docs/selection_study.py -->", f"<!-- end of {name} -->")
+           for name in ("ranking", "claims", "values", "answer")}
 
 
 def tables(rows: list[dict], ranking: list[dict]) -> dict[str, str]:
-    return {"ranking": ranking_table(ranking), "claims": claims_table(rows), "values": values_table(rows)}
+    return {"ranking": ranking_table(ranking), "claims": claims_table(rows), "values": values_table(rows),
+            "answer": answer(rows)}
 
 
 def write_page(rows: list[dict], ranking: list[dict], page: Path) -> None:
