@@ -38,6 +38,13 @@ for the damage at the budget the prediction that a harder push costs more damage
 interval (percentile, 10 000 resamples of the seeds, fixed seed) of the mean over seeds lies on the claimed side
 of 0 ("holds"), on the other side ("reversed"), or straddles it ("inconclusive"); a claim with a seed where the
 statistic is undefined is "inconclusive".
+
+A follow-up, declared after the first answer (the ranked selections above were measured first) and before its
+own runs: the forget set D holds the sample itself, so its PG-effect carries the sample's own term
+``<grad R_j, grad log p(s_j)> / 50``. ``pg_others`` leaves it out: the PG-effect of sample j on the mean risk of
+the 49 other forget05 samples (from the 50 × 50 matrix ``<grad R_i, grad log p(s_j)>``, ``gl.g_effect`` with one
+target set per sample). "top-others x %" / "bottom-others x %": the x % most / least negative ``pg_others``, run
+and tested exactly as top and bottom (same seeds, same random subsets, same claimed sides).
 """
 
 from __future__ import annotations
@@ -60,7 +67,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SEEDS = list(range(8))
 OBJECTIVES = ("ga", "npo")
 FRACTIONS = (0.2, 0.5)
-SELECTIONS = ("top", "bottom", "random")
+SELECTIONS = ("top", "bottom", "random", "top-others", "bottom-others")
+RANKED = {"top": ">", "bottom": "<", "top-others": ">", "bottom-others": "<"}  # the claimed side against random
 STEPS, BUDGET, TAU, BATCH = 40, 25, 0.1, 10
 STATISTICS = {  # name -> what the page calls it
     "forget_at_damage": f"forget rise at retain damage {TAU:g} nat",
@@ -99,18 +107,29 @@ def rank(model, tok, world) -> list[dict]:
              "initial_risk": float(risk[e.id]), "pg_targeted": float(pg.sel(against="targeted").values[j]),
              "pg_non_targeted": float(pg.sel(against="non_targeted").values[j])}
             for j, e in enumerate(sets["targeted"])]
+    for r, other, share in zip(rows, *others(model, tok, sets["targeted"])):
+        r.update(pg_others=other, self_share=share)
     rows.sort(key=lambda r: r["pg_targeted"])
     return [{"rank": i + 1, **r} for i, r in enumerate(rows)]
+
+
+def others(model, tok, forget: list) -> tuple[list[float], list[float]]:
+    """Per forget sample j: its PG-effect on the mean risk of the *other* samples, and the share of its PG-effect
+    on all of them that its own term carries (``<grad R_j, grad log p(s_j)> / n`` over ``pg_j``)."""
+    ds = gl.g_effect(model, tok, "ga", forget=forget, targets={e.id: [e] for e in forget}, per_token=False)
+    ids = [e.id for e in forget]
+    matrix = ds.pg_effect.isel(step=0).sel(sample=ids, against=ids).values  # [j, i] = <grad R_i, grad log p(s_j)>
+    own, n = np.diag(matrix), len(ids)
+    return [float(v) for v in (matrix.sum(1) - own) / (n - 1)], [float(v) for v in own / matrix.sum(1)]
 
 
 def select(ranking: list[dict], selection: str, fraction: float, seed: int) -> list[str]:
     """The ids of a selection, in forget05's order (the batch order is the run's seed's)."""
     ids = sorted(r["id"] for r in ranking)  # a fixed order for the random draw
     k = round(fraction * len(ranking))
-    if selection == "top":
-        chosen = {r["id"] for r in ranking[:k]}
-    elif selection == "bottom":
-        chosen = {r["id"] for r in ranking[-k:]}
+    if selection in RANKED:
+        by = sorted(ranking, key=lambda r: float(r["pg_others"])) if selection.endswith("-others") else ranking
+        chosen = {r["id"] for r in (by[:k] if selection.startswith("top") else by[-k:])}
     elif selection == "random":
         chosen = {ids[i] for i in np.random.default_rng(seed).choice(len(ids), k, replace=False)}
     elif selection == "all":
@@ -122,7 +141,7 @@ def select(ranking: list[dict], selection: str, fraction: float, seed: int) -> l
 
 def run_seed(selection: str, fraction: float, seed: int, n: int = 50) -> int:
     """A ranked selection of one batch is the same run for every seed: run it once, as seed 0."""
-    return 0 if selection in ("top", "bottom") and round(fraction * n) <= BATCH else seed
+    return 0 if selection in RANKED and round(fraction * n) <= BATCH else seed
 
 
 # ------------------------------------------------------------------------------------------ the runs
@@ -212,7 +231,7 @@ def claims(values: dict) -> list[dict]:
             if (objective, fraction, "random") not in values:
                 continue
             random = values[objective, fraction, "random"]
-            for selection, side in (("top", ">"), ("bottom", "<")):
+            for selection, side in RANKED.items():
                 if (objective, fraction, selection) not in values:
                     continue
                 chosen = values[objective, fraction, selection]
@@ -247,7 +266,8 @@ def facts(ranking: list[dict]) -> list[dict]:
     rows = []
     for key, what in (("initial_risk", "the sample's own risk before unlearning"),
                       ("answer_tokens", "the sample's answer length"),
-                      ("pg_non_targeted", "its PG-effect on the held-out retain risk")):
+                      ("pg_non_targeted", "its PG-effect on the held-out retain risk"),
+                      ("pg_others", "its PG-effect on the other forget samples' risk")):
         rho = stats.spearmanr(pg, [r[key] for r in ranking]).statistic
         rows.append({"row": f"fact:spearman_pg_{key}", "statistic": f"Spearman correlation of the PG-effect "
                      f"(forget risk) with {what}", "mean": rho})
@@ -258,13 +278,24 @@ def facts(ranking: list[dict]) -> list[dict]:
         rows.append({"fraction": fraction, "selection": "top", "row": "fact:overlap_with_riskiest",
                      "statistic": f"share of the top {fraction:.0%} that are among the {k} samples of highest "
                      "initial risk", "mean": len(top & riskiest) / k})
+    share = np.array([r["self_share"] for r in ranking])
+    rows.append({"row": "fact:self_share", "statistic": "share of a sample's PG-effect on the forget set carried by "
+                 "its own term (median; min, max)", "mean": np.median(share), "ci_low": share.min(),
+                 "ci_high": share.max()})
+    pg_others = np.array([r["pg_others"] for r in ranking])
+    rows.append({"row": "fact:spearman_pg_others_initial_risk", "statistic": "Spearman correlation of the PG-effect "
+                 "on the other forget samples with the sample's own risk before unlearning",
+                 "mean": stats.spearmanr(pg_others, [r["initial_risk"] for r in ranking]).statistic})
+    rows.append({"row": "fact:pg_others_negative", "statistic": "share of the samples whose PG-effect on the other "
+                 "forget samples is negative (pushes their forgetting)", "mean": float((pg_others < 0).mean())})
     return rows
 
 
 # ------------------------------------------------------------------------------------------ the files
 FIELDS = ["objective", "fraction", "selection", "row", "statistic", "test", "n_seeds", "mean", "ci_low", "ci_high",
           "verdict", "per_seed"]
-RANKING_FIELDS = ["rank", "id", "author", "answer_tokens", "initial_risk", "pg_targeted", "pg_non_targeted"]
+RANKING_FIELDS = ["rank", "id", "author", "answer_tokens", "initial_risk", "pg_targeted", "pg_non_targeted",
+                  "pg_others", "self_share"]
 
 
 def write_csv(rows: list[dict], file: Path, fields: list[str]) -> None:
@@ -344,7 +375,7 @@ def answer(rows: list[dict]) -> str:
     for objective, fraction in dict.fromkeys((r["objective"], r["fraction"]) for r in rows
                                              if r["row"].startswith("claim:")):
         parts = []
-        for selection in ("top", "bottom"):
+        for selection in [s for s in RANKED if (objective, fraction, s, "claim:forget_at_damage") in keyed]:
             c = {name: keyed[objective, fraction, selection, f"claim:{name}"] for name in STATISTICS}
             parts.append(f"the {selection} {_pct(fraction)} forgets all 50 samples {_times(c['forget_at_damage'])} "
                          f"as much as a random {_pct(fraction)} does, and the samples it leaves out "
@@ -367,6 +398,16 @@ def answer(rows: list[dict]) -> str:
                      f"{facts['fact:spearman_pg_pg_non_targeted']:.2f}; "
                      + ", ".join(f"{share:.0%} of the top {_pct(f)}" for f, share in overlap.items())
                      + " are among the samples of highest initial risk.")
+    extra = {r["row"]: r for r in rows if r["row"] in ("fact:self_share", "fact:spearman_pg_others_initial_risk",
+                                                       "fact:pg_others_negative")}
+    if len(extra) == 3:
+        own = extra["fact:self_share"]
+        lines.append(f"- **The sample's own term** carries a median {float(own['mean']):.0%} of its PG-effect on the "
+                     f"forget set (from {float(own['ci_low']):.0%} to {float(own['ci_high']):.0%}). Left out, the "
+                     f"PG-effect on the other 49 samples is negative (pushes their forgetting) for "
+                     f"{float(extra['fact:pg_others_negative']['mean']):.0%} of the samples only, and its Spearman "
+                     f"correlation with the sample's own risk is "
+                     f"{float(extra['fact:spearman_pg_others_initial_risk']['mean']):+.2f}.")
     return "\n".join(lines)
 
 
