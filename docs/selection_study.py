@@ -350,11 +350,12 @@ def values_table(rows: list[dict]) -> str:
 
 
 def ranking_table(ranking: list[dict], n: int = 5) -> str:
-    lines = ["| rank | sample | answer tokens | own risk before (nat) | PG-effect, forget risk | "
-             "PG-effect, retain risk |", "|---|---|---|---|---|---|"]
+    lines = ["| rank | sample | answer tokens | own risk before (nat) | PG-effect, forget risk | its own term's "
+             "share | PG-effect on the other samples | PG-effect, retain risk |", "|---|---|---|---|---|---|---|---|"]
     for r in ranking[:n] + ranking[-n:]:
         lines.append(f"| {r['rank']} | `{r['id']}` | {r['answer_tokens']} | {float(r['initial_risk']):.2g} | "
-                     f"{float(r['pg_targeted']):.3g} | {float(r['pg_non_targeted']):.3g} |")
+                     f"{float(r['pg_targeted']):.3g} | {float(r['self_share']):.0%} | {float(r['pg_others']):.3g} | "
+                     f"{float(r['pg_non_targeted']):.3g} |")
     return "\n".join(lines)
 
 
