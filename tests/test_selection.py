@@ -58,7 +58,7 @@ def test_the_page_quotes_the_csvs(study, rows, ranking):
 def test_every_declared_claim_is_measured(study, rows):
     claims = {k for k in rows if k[3].startswith("claim:")}
     assert claims == {(o, str(f), s, f"claim:{name}") for o in study.OBJECTIVES for f in study.FRACTIONS
-                      for s in ("top", "bottom") for name in study.STATISTICS}
+                      for s in study.RANKED for name in study.STATISTICS}
 
 
 def test_each_verdict_follows_from_its_seeds(study, rows):
@@ -94,7 +94,7 @@ def test_the_ranking_is_what_the_command_computes(study, ranking, target, world,
     again = {r["id"]: r for r in study.rank(model, tok, world)}
     assert [r["id"] for r in ranking] == list(again)  # the same order (neighbours differ by ≥ 1 %)
     for r in ranking:
-        for key in ("initial_risk", "pg_targeted", "pg_non_targeted"):
+        for key in ("initial_risk", "pg_targeted", "pg_non_targeted", "pg_others", "self_share"):
             assert float(r[key]) == pytest.approx(again[r["id"]][key], rel=1e-3, abs=1e-9), (r["id"], key)
         assert int(r["answer_tokens"]) == again[r["id"]]["answer_tokens"]
 
@@ -126,6 +126,17 @@ EXPECTED: dict[tuple[str, str, str, str], str] = {
     ("npo", "0.2", "bottom", "claim:unselected_at_damage"): "holds",
     ("npo", "0.2", "top", "claim:damage_at_budget"): "holds",
     ("npo", "0.2", "top", "claim:forget_per_damage"): "reversed",
+    # the follow-up: ranked by the PG-effect on the other samples
+    ("ga", "0.2", "top-others", "claim:forget_at_damage"): "holds",
+    ("ga", "0.5", "top-others", "claim:forget_at_damage"): "holds",
+    ("npo", "0.5", "top-others", "claim:forget_at_damage"): "holds",
+    ("npo", "0.2", "top-others", "claim:forget_at_damage"): "inconclusive",
+    ("npo", "0.5", "top-others", "claim:unselected_at_damage"): "holds",
+    ("ga", "0.5", "top-others", "claim:damage_at_budget"): "holds",
+    ("ga", "0.5", "top-others", "claim:forget_per_damage"): "reversed",
+    **{(o, f, "bottom-others", "claim:forget_at_damage"): "inconclusive" for o in ("ga", "npo")
+       for f in ("0.2", "0.5")},
+    **{(o, "0.5", "bottom-others", "claim:unselected_at_damage"): "reversed" for o in ("ga", "npo")},
 }
 
 
