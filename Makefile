@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-deps demo test test-fast docs docs-html lab zoo world findings lint clean
+.PHONY: install system-deps demo test test-fast docs docs-html lab zoo world findings selection lint clean
 
 install: $(STAMP)
 
@@ -63,6 +63,11 @@ world: install
 # docs/findings.csv and the table of docs/findings.md: the sweeps over 8 seeds (resumable, in results/findings/)
 findings: install
 	$(PY) docs/findings_study.py
+
+# docs/selection.csv and the tables of docs/selection.md: which forget samples are worth unlearning, by their
+# PG-effect (8 seeds, resumable, in results/selection/)
+selection: install
+	$(PY) docs/selection_study.py
 
 lint: install
 	$(VENV)/bin/ruff check geffect_lab tests benchmarks data
