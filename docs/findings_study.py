@@ -43,11 +43,16 @@ RUNS = {"ga": ("ga", {}), "npo": ("npo", {}), "wga α=5": ("wga", {"alpha": 5.0}
 # (α=0.5, β=1) and this page's earlier setting (α=1), asked of each model
 WEIGHTED = ["wga α=5", "tnpo β=4", "wga α=1", "wtnpo α=1.5 β=4", "wga α=0.5", "tnpo β=1"]
 MODELS = {"target": list(RUNS), "target-15ep": ["ga", "wga α=5", "tnpo β=4"],
-          "target-2stage": ["ga", "wga α=5", "tnpo β=4"], "target-x4": ["ga", "wga α=5", "tnpo β=4"]}
+          "target-2stage": ["ga", "wga α=5", "tnpo β=4"], "target-x4": ["ga", "wga α=5", "tnpo β=4"],
+          "tofu-target": ["ga", "npo", "wga α=5", "tnpo β=4"]}
+# the real TOFU's forget05 has 200 samples: 25 steps of 10 (the same number of updates as on the bundled world,
+# 1.25 passes instead of 5)
+MODEL_BASE = {"tofu-target": {"world": str(gl.data.tofu_dir()), "steps": 25}}
 # the order the sweeps run in: the WGA/TNPO question on every model first, then the other claims
 PLAN = ([("target", label) for label in ("ga", "npo", "wga α=5", "tnpo β=4")]
         + [(m, label) for m in ("target-15ep", "target-2stage") for label in MODELS[m]]
         + [("target", label) for label in RUNS if label not in ("ga", "npo", "wga α=5", "tnpo β=4")]
+        + [("tofu-target", label) for label in MODELS["tofu-target"]]
         + [("target-x4", label) for label in MODELS["target-x4"]])
 
 
@@ -69,10 +74,12 @@ def npo_weight(ds):
 
 
 def until_one_nat(ds) -> int:
-    """The window of the WGA/TNPO claim: the steps before the mean targeted risk first reaches 1 nat (the whole
-    run when it never does)."""
+    """The window of the WGA/TNPO claim: the steps before the mean targeted risk first rises 1 nat above its value
+    before unlearning (the whole run when it never does). On the bundled world's models, which start near 0 nat,
+    this is "until the risk reaches 1 nat"; the rise is what compares across models (tofu-target starts higher)."""
     risk = mean_risk(ds, "targeted")[:-1]
-    return int(np.argmax(risk >= 1.0)) if (risk >= 1.0).any() else len(risk)
+    risen = risk - risk[0] >= 1.0
+    return int(np.argmax(risen)) if risen.any() else len(risk)
 
 
 def damage_per_forgetting(ds) -> float:
@@ -149,7 +156,7 @@ CLAIMS = [
                           / (mean_risk(r["ga"], "targeted")[-1] - mean_risk(r["ga"], "targeted")[0])), ("dpo", "ga")),
 ] + [
     Claim(f"less_damage_than_ga[{w}]", f"{w.split()[0].upper()}: smaller |e_r|/|e_u| than GA",
-          "the steps before the mean forget risk reaches 1 nat (the whole run if it never does)",
+          "the steps before the mean forget risk rises 1 nat above its start (the whole run if it never does)",
           f"log10((|Σe_r|/|Σe_u|) of {w} / that of GA)", "<", 0.0,
           partial(_damage_against_ga, w),
           ("ga", w))
@@ -168,7 +175,8 @@ def run_sweeps(out: Path, plan: list[tuple[str, str]], seeds: list[int]) -> None
     for model, label in plan:
         gl.zoo.load(model)  # a study model is built here, once, not by every worker
         objective, params = RUNS[label]
-        gl.sweep({"seed": seeds}, base={**BASE, "model": model, "objective": objective, "params": params},
+        gl.sweep({"seed": seeds}, base={**BASE, **MODEL_BASE.get(model, {}), "model": model, "objective": objective,
+                                        "params": params},
                  out=folder(out, model, label), progress=False)
 
 
@@ -219,16 +227,43 @@ def evaluate_claims(runs: dict, seeds: list[int]) -> list[dict]:
 
 def facts(runs: dict) -> list[dict]:
     """Numbers the page quotes that are not claims: answer lengths, the models' saturation."""
-    model, tok = gl.zoo.load("target")
-    world = gl.load_world()
-    lengths = (gl.encode(tok, world["forget05"])["labels"][:, 1:] != -100).sum(1).numpy()
-    rows = [{"model": "target", "claim": "fact:forget05_answer_tokens", "statistic": "answer tokens per forget05 "
-             "sample (min, mean, max)", "mean": lengths.mean(), "ci_low": lengths.min(), "ci_high": lengths.max()}]
+    rows = []
+    for name in ["target"] + [m for m in MODEL_BASE if (m, "ga") in runs]:
+        _, tok = gl.zoo.load(name)
+        world = gl.load_world(MODEL_BASE[name]["world"]) if name in MODEL_BASE else gl.load_world()
+        lengths = (gl.encode(tok, world["forget05"])["labels"][:, 1:] != -100).sum(1).numpy()
+        rows.append({"model": name, "claim": "fact:forget05_answer_tokens", "statistic": "answer tokens per "
+                     "forget05 sample (min, mean, max)", "mean": lengths.mean(), "ci_low": lengths.min(),
+                     "ci_high": lengths.max()})
+    rows += tofu_facts()
     for name in [m for m in MODELS if (m, "ga") in runs]:
         ds = runs[name, "ga"][0]
         risk = mean_risk(ds, "targeted")[0]
         rows.append({"model": name, "claim": "fact:initial_forget_nll", "statistic": "mean targeted answer NLL "
                      "per token before unlearning (nat)", "mean": float(risk)})
+    return rows
+
+
+def tofu_facts() -> list[dict]:
+    """What tofu-target knows of forget05 before unlearning, next to the retain model that never saw it (when both
+    are built): teacher-forced token accuracy on the answers, and TOFU's forget quality of the target against the
+    retain model (a KS test of the truth ratios; near 0 = the target's knowledge of forget05 is visible)."""
+    from geffect_lab import metrics
+
+    pair = ("tofu-target", "tofu-retain_forget05")
+    if not all((gl.zoo.entry_dir(m) / "config.json").exists() for m in pair):
+        return []
+    forget05 = gl.load_world(MODEL_BASE["tofu-target"]["world"])["forget05"]
+    rows, ratios = [], {}
+    for name in pair:
+        model, tok = gl.zoo.load(name)
+        rows.append({"model": name, "claim": "fact:forget05_exact_memorization", "statistic": "share of forget05's "
+                     "answer tokens the argmax predicts (teacher forcing)",
+                     "mean": float(metrics.exact_memorization(model, tok, forget05).mean())})
+        ratios[name] = metrics.truth_ratio(model, tok, forget05)
+    rows.append({"model": pair[0], "claim": "fact:forget_quality_before_unlearning", "statistic": "TOFU's forget "
+                 "quality on forget05 against tofu-retain_forget05 (KS p-value of the truth ratios)",
+                 "mean": metrics.forget_quality(ratios[pair[0]], ratios[pair[1]])})
     return rows
 
 

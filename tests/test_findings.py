@@ -67,7 +67,27 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("target-2stage", "ga_shallow_layers"): "reversed",
     ("target-2stage", "less_damage_than_ga[wga α=5]"): "reversed",
     ("target-2stage", "less_damage_than_ga[tnpo β=4]"): "reversed",
+    ("target", "po_weak"): "holds", ("target", "po_changes_sign"): "holds", ("target", "gd_retains"): "holds",
+    ("target", "kl_retains"): "holds", ("target", "rmu_layer_matters"): "holds",
+    ("target", "dpo_weight_collapses"): "holds", ("target", "dpo_barely_forgets"): "holds",
+    ("target", "less_damage_than_ga[wtnpo α=1.5 β=4]"): "inconclusive",
+    ("target", "less_damage_than_ga[wga α=0.5]"): "inconclusive",
+    ("target", "less_damage_than_ga[tnpo β=1]"): "inconclusive",
+    ("target-x4", "ga_shallow_layers"): "holds", ("target-x4", "less_damage_than_ga[wga α=5]"): "holds",
+    ("target-x4", "less_damage_than_ga[tnpo β=4]"): "holds",
+    # the real TOFU text (tofu-target)
+    ("tofu-target", "npo_weight_decays"): "holds", ("tofu-target", "npo_weight_small_at_end"): "holds",
+    ("tofu-target", "ga_e_u_beyond_npo_once_decayed"): "holds",
+    ("tofu-target", "ga_e_r_beyond_npo_once_decayed"): "holds",
+    ("tofu-target", "npo_e_u_beyond_ga_whole_run"): "inconclusive", ("tofu-target", "ga_shallow_layers"): "holds",
+    ("tofu-target", "less_damage_than_ga[wga α=5]"): "inconclusive",
+    ("tofu-target", "less_damage_than_ga[tnpo β=4]"): "holds",
 }
+
+
+def test_every_claim_of_the_csv_has_its_expected_direction(rows):
+    """No row of the CSV goes unchecked: a new claim or model needs its verdict written here."""
+    assert {k for k in rows if not k[1].startswith("fact:")} == set(EXPECTED)
 
 
 def test_the_claims_hold_in_the_direction_the_page_says(rows):
