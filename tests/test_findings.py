@@ -73,6 +73,9 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("target", "less_damage_than_ga[wtnpo α=1.5 β=4]"): "inconclusive",
     ("target", "less_damage_than_ga[wga α=0.5]"): "inconclusive",
     ("target", "less_damage_than_ga[tnpo β=1]"): "inconclusive",
+    ("target-15ep", "less_damage_than_ga[wtnpo α=1.5 β=4]"): "holds",
+    ("target-15ep", "less_damage_than_ga[wga α=0.5]"): "holds",
+    ("target-15ep", "less_damage_than_ga[tnpo β=1]"): "holds",
     ("target-x4", "ga_shallow_layers"): "holds", ("target-x4", "less_damage_than_ga[wga α=5]"): "holds",
     ("target-x4", "less_damage_than_ga[tnpo β=4]"): "holds",
     # the real TOFU text (tofu-target)
