@@ -271,9 +271,9 @@ FIELDS = ["model", "claim", "paper", "window", "statistic", "test", "n_seeds", "
           "verdict", "per_seed"]
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
+def write_csv(rows: list[dict], path: Path, fields: list[str] = FIELDS) -> None:
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS)
+        writer = csv.DictWriter(f, fields)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, (float, np.floating)) else v)

@@ -50,7 +50,6 @@ and tested exactly as top and bottom (same seeds, same random subsets, same clai
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.util
 import json
 import sys
@@ -298,17 +297,7 @@ RANKING_FIELDS = ["rank", "id", "author", "answer_tokens", "initial_risk", "pg_t
                   "pg_others", "self_share"]
 
 
-def write_csv(rows: list[dict], file: Path, fields: list[str]) -> None:
-    with file.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fields)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, (float, np.floating)) else v) for k, v in row.items()})
-
-
-def read_csv(file: Path) -> list[dict]:
-    with file.open() as f:
-        return list(csv.DictReader(f))
+write_csv, read_csv = _findings_study().write_csv, _findings_study().read_csv  # one CSV format for both pages
 
 
 def _cell(r: dict, digits: str = ".3g", sign: str = "") -> str:
