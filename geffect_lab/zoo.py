@@ -18,6 +18,7 @@ import json
 import math
 import os
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -29,7 +30,7 @@ from ._batching import TokenizerMismatchError, check_device, check_dtype, check_
 from .data import data_dir, encode, load_world, tofu_dir
 
 __all__ = ["ZooEntry", "Recipe", "ZOO", "list", "load", "build", "zoo_dir", "cache_dir", "entry_dir", "make_model",
-           "train", "tokenizer_dir", "TOFU_VOCAB", "TokenizerMismatchError", "check_tokenizer"]
+           "train", "recipe_differences", "tokenizer_dir", "TOFU_VOCAB", "TokenizerMismatchError", "check_tokenizer"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,10 @@ ZOO: dict[str, ZooEntry] = {
                             "forget05), less saturated (final loss 0.02 against 4e-4)", bundled=False),
     "target-x4": ZooEntry("target-x4", ("full", "world_facts"), replace(_LLAMA, hidden=256, intermediate=512),
                           "target with twice the width (3.5x the parameters)", bundled=False),
+    "target-x16": ZooEntry("target-x16", ("full", "world_facts"),
+                           replace(_LLAMA, hidden=576, intermediate=1152, lr=1e-3),
+                           "target with 4.5 times the width (15x the parameters), at lr 1e-3: at target's 3e-3 it "
+                           "learned 42 % of forget05 (final loss 0.19)", bundled=False),
     "target-2stage": ZooEntry("target-2stage", ("forget05",), replace(_LLAMA, lr=6e-4, warmup=10),
                               "retain_forget05 fine-tuned on the forget05 authors alone: the forgotten facts "
                               "learned in a second stage, after the rest (which it partly forgets: ~0.73 exact "
@@ -162,6 +167,12 @@ def load(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, d
     else:
         raise KeyError(f"unknown zoo model {name!r}; the zoo has {', '.join(ZOO)} "
                        "(or give a checkpoint folder or a hub name like 'org/model')")
+    if name in ZOO:
+        stale = recipe_differences(name, path)
+        if stale:
+            warnings.warn(f"the zoo model {name!r} at {path} was built with a different recipe than the zoo's "
+                          f"({'; '.join(stale)}): its numbers are not the zoo model's. Rebuild it with "
+                          f"gl.zoo.build([{name!r}], force=True)", stacklevel=2)
     with quiet_hf():
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation, **kwargs)
     tok = AutoTokenizer.from_pretrained(tokenizer if tokenizer is not None else path)
@@ -177,6 +188,22 @@ def load(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, d
 
 
 # ------------------------------------------------------------------------------------------ building
+def recipe_differences(name: str, path: str | os.PathLike | None = None) -> builtins.list[str]:
+    """How the model built at ``path`` (default: where the zoo keeps ``name``) differs from zoo entry ``name``:
+    its recipe, training splits or base model, as read from its ``zoo.json`` ("lr 0.003, the zoo's 0.001");
+    empty when they agree or the folder has no ``zoo.json``. A recipe key missing from an older ``zoo.json``
+    had the default it has now."""
+    report_path = Path(path if path is not None else entry_dir(name)) / "zoo.json"
+    if not report_path.exists():
+        return []
+    report, entry = json.loads(report_path.read_text(encoding="utf-8")), ZOO[name]
+    built = {**asdict(Recipe()), **report.get("recipe", {}),
+             **{key: report[key] for key in ("train_splits", "base") if key in report}}
+    wanted = {**asdict(entry.recipe), "train_splits": builtins.list(entry.train_splits), "base": entry.base}
+    return [f"{key} {built[key]!r}, the zoo's {value!r}" for key, value in wanted.items()
+            if key in built and built[key] != value]
+
+
 def make_model(recipe: Recipe, tokenizer):
     """A freshly initialised tiny model for a recipe (seeded by the caller)."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -115,6 +116,25 @@ def test_study_models_are_built_on_first_use_into_the_cache(tmp_path, monkeypatc
     assert all(torch.allclose(built[k], base[k], atol=1e-6) for k in base)
     report = json.loads((tmp_path / "z" / "target-2stage" / "zoo.json").read_text())
     assert report["base"] == "retain_forget05" and report["train_splits"] == ["forget05"]
+
+
+def test_a_cached_model_built_from_another_recipe_is_reported_when_loaded(tmp_path, monkeypatch):
+    """A study model cached by an earlier version whose recipe has since changed is not silently the zoo's: loading
+    it warns with each difference and the fix. Here target's files stand in the cache for target-15ep."""
+    monkeypatch.setenv("GEFFECT_CACHE_DIR", str(tmp_path / "cache"))
+    folder = zoo.entry_dir("target-15ep")
+    shutil.copytree(zoo.entry_dir("target"), folder)
+    assert zoo.recipe_differences("target-15ep") == ["epochs 30, the zoo's 15"]
+    with pytest.warns(UserWarning, match=r"'target-15ep' .*different recipe.*epochs 30, the zoo's 15.*"
+                                         r"gl.zoo.build\(\['target-15ep'\], force=True\)"):
+        gl.zoo.load("target-15ep")
+    # a zoo.json written before a recipe key existed had that key's present default; bundled models agree
+    report = json.loads((folder / "zoo.json").read_text())
+    report["recipe"].pop("max_positions", None)
+    report["recipe"]["epochs"] = 15
+    (folder / "zoo.json").write_text(json.dumps(report))
+    assert zoo.recipe_differences("target-15ep") == []
+    assert all(zoo.recipe_differences(name) == [] for name in gl.zoo.list())
 
 
 def _small_tofu(tofu_path, folder, authors=2):
