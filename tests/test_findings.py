@@ -78,6 +78,15 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("target-15ep", "less_damage_than_ga[tnpo β=1]"): "holds",
     ("target-x4", "ga_shallow_layers"): "holds", ("target-x4", "less_damage_than_ga[wga α=5]"): "holds",
     ("target-x4", "less_damage_than_ga[tnpo β=4]"): "holds",
+    ("target-x16", "ga_shallow_layers"): "holds", ("target-x16", "less_damage_than_ga[wga α=5]"): "inconclusive",
+    ("target-x16", "less_damage_than_ga[tnpo β=4]"): "inconclusive",
+    ("target-x16", "less_damage_than_ga[wtnpo α=1.5 β=4]"): "holds",
+    ("target-x16", "less_damage_than_ga[wga α=0.5]"): "inconclusive",
+    ("target-x16", "less_damage_than_ga[tnpo β=1]"): "inconclusive",
+    # the figures' settings and WTNPO on the other study models
+    **{("target-x4", f"less_damage_than_ga[{w}]"): "holds" for w in ("wtnpo α=1.5 β=4", "wga α=0.5", "tnpo β=1")},
+    **{("target-2stage", f"less_damage_than_ga[{w}]"): "reversed"
+       for w in ("wtnpo α=1.5 β=4", "wga α=0.5", "tnpo β=1")},
     # the real TOFU text (tofu-target)
     ("tofu-target", "npo_weight_decays"): "holds", ("tofu-target", "npo_weight_small_at_end"): "holds",
     ("tofu-target", "ga_e_u_beyond_npo_once_decayed"): "holds",
@@ -85,6 +94,9 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("tofu-target", "npo_e_u_beyond_ga_whole_run"): "inconclusive", ("tofu-target", "ga_shallow_layers"): "holds",
     ("tofu-target", "less_damage_than_ga[wga α=5]"): "inconclusive",
     ("tofu-target", "less_damage_than_ga[tnpo β=4]"): "holds",
+    ("tofu-target", "less_damage_than_ga[wtnpo α=1.5 β=4]"): "holds",
+    ("tofu-target", "less_damage_than_ga[wga α=0.5]"): "inconclusive",
+    ("tofu-target", "less_damage_than_ga[tnpo β=1]"): "holds",
 }
 
 
