@@ -160,7 +160,8 @@ def test_tofu_models_learn_the_real_tofu_with_their_own_tokenizer(tofu_path, tmp
     assert zoo.ZOO["tofu-retain_forget05"].train_splits == ("retain95", "world_facts", "real_authors")
     monkeypatch.setenv("GEFFECT_TOFU_DIR", str(_small_tofu(tofu_path, tmp_path / "tofu")))
     zoo.build(["tofu-target"], recipe_overrides={"epochs": 2}, progress=False)
-    model, tok = gl.zoo.load("tofu-target")
+    with pytest.warns(UserWarning, match=r"epochs 2, the zoo's 10"):  # a quick build is not the zoo's model
+        model, tok = gl.zoo.load("tofu-target")
     folder = zoo.entry_dir("tofu-target")
     assert folder.parent == tmp_path / "cache" / "zoo"
     report = json.loads((folder / "zoo.json").read_text())
