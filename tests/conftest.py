@@ -1,14 +1,67 @@
-"""Session fixtures: the bundled world, its tokenizer and the zoo models, each loaded once."""
+"""Session fixtures: the bundled world, its tokenizer and the zoo models, each loaded once.
+
+Before anything is imported, the test session is made hermetic: every place the package or its libraries read or
+write outside the checkout (the home directory, geffect-lab's model cache, Hugging Face's, matplotlib's, Jupyter's
+and IPython's folders, the XDG folders, Dask's scratch space) points into one fresh temporary folder, so nothing of
+this machine's earlier runs can make a test pass, and no test writes into the user's own caches. Subprocesses
+(notebook kernels, Dask workers, the CLI) inherit it. The real TOFU files are read-only data: their location is
+pinned to the project's ``shared/data/tofu`` beside the checkout, never taken from the user's setting.
+"""
 
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
-import pytest
-import torch
+# ``GEFFECT_TEST_HOME`` (set by .ci/run, which then shows what the tests put there) or a new temporary folder
+HERMETIC_HOME = Path(os.environ.get("GEFFECT_TEST_HOME") or tempfile.mkdtemp(prefix="geffect-test-home-"))
+HERMETIC_ENV = {
+    "HOME": HERMETIC_HOME,
+    "GEFFECT_CACHE_DIR": HERMETIC_HOME / "geffect-cache",  # the study models, built on first use
+    "HF_HOME": HERMETIC_HOME / "huggingface",
+    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",  # nothing is downloaded
+    "MPLCONFIGDIR": HERMETIC_HOME / "matplotlib",
+    "XDG_CACHE_HOME": HERMETIC_HOME / ".cache", "XDG_CONFIG_HOME": HERMETIC_HOME / ".config",
+    "XDG_DATA_HOME": HERMETIC_HOME / ".local" / "share",
+    "JUPYTER_CONFIG_DIR": HERMETIC_HOME / "jupyter" / "config",
+    "JUPYTER_DATA_DIR": HERMETIC_HOME / "jupyter" / "data",
+    "JUPYTER_RUNTIME_DIR": HERMETIC_HOME / "jupyter" / "runtime",
+    "IPYTHONDIR": HERMETIC_HOME / "ipython",
+    "DASK_TEMPORARY_DIRECTORY": HERMETIC_HOME / "dask",
+    "TORCHINDUCTOR_CACHE_DIR": HERMETIC_HOME / "torchinductor",
+}
+# what a user may have set that would point the package elsewhere than its own bundled data
+USER_SETTINGS = ("GEFFECT_ZOO_DIR", "GEFFECT_DATA_DIR", "GEFFECT_TOFU_DIR", "DASK_CONFIG", "PYTHONSTARTUP")
 
-import geffect_lab as gl
-from geffect_lab.data import data_dir, tofu_dir
+
+def _make_hermetic() -> None:
+    for name in USER_SETTINGS:
+        os.environ.pop(name, None)
+    for name, value in HERMETIC_ENV.items():
+        if isinstance(value, Path):
+            value.mkdir(parents=True, exist_ok=True)
+        os.environ[name] = str(value)
+    from geffect_lab.data import tofu_dir  # the project's shared/data/tofu (the user's setting was removed above)
+
+    os.environ["GEFFECT_TOFU_DIR"] = str(tofu_dir())
+
+
+_make_hermetic()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A folder this session made is removed; one given by ``GEFFECT_TEST_HOME`` is left for its owner."""
+    if not os.environ.get("GEFFECT_TEST_HOME"):
+        import shutil
+
+        shutil.rmtree(HERMETIC_HOME, ignore_errors=True)
+
+import pytest  # noqa: E402  (after the environment is set: libraries read it when imported)
+import torch  # noqa: E402
+
+import geffect_lab as gl  # noqa: E402
+from geffect_lab.data import data_dir, tofu_dir  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -21,10 +21,29 @@ def test_world_command_prints_the_splits(capsys):
     assert "forget05" in out and "retain95" in out and "world_facts" in out
 
 
-def test_zoo_list(capsys):
+def _zoo_listing(capsys) -> dict[str, str]:
+    """``geffect-lab zoo list`` as name -> "built" / "not built"."""
     assert main(["zoo", "list"]) == 0
-    out = capsys.readouterr().out
-    assert all(n in out for n in ("target", "retain_forget05", "target-gpt2")) and "not built" not in out
+    rows = [line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    return {name: "not built" if rest.startswith("not built") else "built" for name, rest in rows}
+
+
+def test_zoo_list(capsys, tmp_path, monkeypatch):
+    """The bundled models are built; a study model is built on first use into the cache (the session's cache is
+    a fresh temporary folder, tests/conftest.py), so a fresh machine lists it as not built until it is."""
+    monkeypatch.setenv("GEFFECT_CACHE_DIR", str(tmp_path / "cache"))
+    listing = _zoo_listing(capsys)
+    assert list(listing) == list(gl.zoo.ZOO)
+    assert all(listing[n] == "built" for n in gl.zoo.list()) and {"target", "retain_forget05", "target-gpt2"} <= {
+        n for n, state in listing.items() if state == "built"}
+    study = set(gl.zoo.list(include_study=True)) - set(gl.zoo.list())
+    assert {"target-15ep", "target-x4", "target-x16", "target-2stage", "tofu-target"} <= study
+    assert all(listing[n] == "not built" for n in study)
+    # one epoch at a vanishing learning rate: built into the cache in seconds, then listed as built
+    gl.zoo.build(["target-2stage"], recipe_overrides={"epochs": 1, "lr": 1e-12}, progress=False)
+    assert (tmp_path / "cache" / "zoo" / "target-2stage" / "config.json").exists()
+    listing = _zoo_listing(capsys)
+    assert listing["target-2stage"] == "built" and all(listing[n] == "not built" for n in study - {"target-2stage"})
 
 
 def test_demo_runs_ga_npo_wga_and_writes_results(tmp_path, capsys):
