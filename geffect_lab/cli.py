@@ -117,7 +117,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         data = RunData.build(args.forget, None, None, world, None)
         samples = dict(forget=data.forget, retain=data.train_retain, targets=data.eval_sets, refusals=data.refusals)
     ds = replay(args.run_dir, args.tokenizer, args.objective, params or None, world=world, base_model=args.base_model,
-                pg=not args.no_pg, per_token=not args.no_per_token, **samples)
+                reference=args.reference, pg=not args.no_pg, per_token=not args.no_per_token, **samples)
     if args.output is not None:
         save(ds, args.output)
     with pd.option_context("display.width", 160, "display.max_columns", 20):
@@ -303,7 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "open-unlearning folder's own)")
     p.add_argument("--world", default=None, help="folder of TOFU files (default: the bundled world; real TOFU "
                                                  "for an open-unlearning folder)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: saved with the checkpoints)")
+    p.add_argument("--tokenizer", default=None, metavar="FOLDER_OR_ZOO_NAME",
+                   help="tokenizer folder or zoo name (default: saved with the checkpoints)")
+    p.add_argument("--reference", default=None, metavar="FOLDER_OR_ZOO_NAME",
+                   help="the run's starting model, the frozen reference of NPO-like objectives (default: "
+                        "checkpoint-0, or the adapters' base model; refused when the run has neither)")
     p.add_argument("--base-model", default=None, help="base model folder, for PEFT adapter checkpoints")
     p.add_argument("--no-pg", action="store_true", help="skip the per-sample PG-effect and sample effect")
     p.add_argument("--no-per-token", action="store_true", help="skip the per-token G-effects")

@@ -14,6 +14,7 @@ to the first (the reference, by default the first checkpoint, is read first).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -30,6 +31,7 @@ from ._batching import check_device, check_dtype, check_tokenizer_type
 from .data import spread
 from .engine.api import Measurement, check_chunk_size
 from .results import StepTable
+from .schedule import CONVENTION, read_rates
 
 __all__ = ["replay", "find_checkpoints", "Checkpoint", "ReplayError", "read_open_unlearning_run",
            "OpenUnlearningRun"]
@@ -44,6 +46,8 @@ class ReplayError(ValueError):
 
 @dataclass(frozen=True)
 class Checkpoint:
+    """A saved model after ``step`` updates, and the rate of the update that left it (NaN: none, or unknown)."""
+
     step: int
     path: Path
     learning_rate: float = float("nan")
@@ -74,18 +78,6 @@ def _step_of(path: Path) -> int:
     raise ReplayError(f"{path}: no trainer_state.json and no checkpoint-N name, so its step is unknown")
 
 
-def _learning_rates(paths: Sequence[Path]) -> dict[int, float]:
-    """Step -> learning rate from the Trainer's ``log_history`` (the last checkpoint's holds the whole run's)."""
-    out: dict[int, float] = {}
-    for path in paths:
-        state_path = path / "trainer_state.json"
-        if state_path.exists():
-            for entry in json.loads(state_path.read_text()).get("log_history", []):
-                if "learning_rate" in entry and "step" in entry:
-                    out[int(entry["step"])] = float(entry["learning_rate"])
-    return out
-
-
 def find_checkpoints(source) -> list[Checkpoint]:
     """The checkpoints of ``source`` in step order: a run folder (its ``checkpoint-*`` folders), one checkpoint
     folder, or a list of checkpoint folders."""
@@ -111,8 +103,8 @@ def find_checkpoints(source) -> list[Checkpoint]:
         dup = sorted({s for s in steps if steps.count(s) > 1})
         same = [str(p) for p, s in zip(paths, steps) if s == dup[0]]
         raise ReplayError(f"two checkpoints have the same step {dup[0]}: {', '.join(same)}")
-    lrs = _learning_rates(paths)
-    return sorted((Checkpoint(s, p, lrs.get(s, float("nan"))) for s, p in zip(steps, paths)), key=lambda c: c.step)
+    rates = read_rates(paths)
+    return sorted((Checkpoint(s, p, rates.at(s)) for s, p in zip(steps, paths)), key=lambda c: c.step)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -123,7 +115,7 @@ class _Loader:
         self.base_model, self.dtype, self.device = base_model, dtype, device
         self.architecture: dict[str, Any] | None = None
 
-    def load(self, ckpt: Checkpoint):
+    def load(self, ckpt: Checkpoint, *, check_architecture: bool = True):
         from transformers import AutoModelForCausalLM
 
         from .zoo import quiet_hf
@@ -139,12 +131,20 @@ class _Loader:
             model = model.to(self.dtype)
         if self.device is not None:
             model = model.to(self.device)
-        self._same_architecture(model, ckpt)
+        if check_architecture:
+            self._same_architecture(model, ckpt)
+        return model.eval()
+
+    def base_model_of(self, ckpt: Checkpoint):
+        """The model an adapter checkpoint was trained on, in the replay's dtype and device."""
+        model = self._base(ckpt)
+        if self.dtype is not None:
+            model = model.to(self.dtype)
+        if self.device is not None:
+            model = model.to(self.device)
         return model.eval()
 
     def _base(self, ckpt: Checkpoint):
-        import copy
-
         from transformers import AutoModelForCausalLM
 
         if self.base_model is not None and not isinstance(self.base_model, (str, os.PathLike)):
@@ -176,7 +176,7 @@ def _named_trainable(model) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------- replay
 def replay(source, tokenizer=None, objective=None, params: Mapping[str, Any] | None = None, *,
            forget: Sequence | None = None, targets=None, retain: Sequence | None = None, world=None,
-           reference="first", base_model=None, refusals: Sequence[str] | None = None, template=None,
+           reference=None, base_model=None, refusals: Sequence[str] | None = None, template=None,
            per_token: bool = True, pg: bool = True, chunk_size: int | str | None = 16,
            dtype: torch.dtype | None = None, device=None, verify: str = "first", progress: bool = True
            ) -> xr.Dataset:
@@ -189,7 +189,8 @@ def replay(source, tokenizer=None, objective=None, params: Mapping[str, Any] | N
         A checkpoint holds full weights (``config.json``) or a PEFT adapter (``adapter_config.json``) on
         ``base_model`` (a model, or a folder; default: the adapter's own ``base_model_name_or_path``).
     tokenizer:
-        The run's tokenizer (default: read from the first checkpoint, where Trainers save it).
+        The run's tokenizer, its folder or a zoo name (default: read from the first checkpoint, where a Trainer
+        saves it when given ``processing_class``).
     objective, params, forget, retain, targets, refusals, template:
         What is measured, as in :func:`geffect_lab.g_effect`. For an open-unlearning output folder (it has
         ``.hydra/config.yaml``) each may be left out: the objective is its method with its ``method_args``
@@ -197,7 +198,11 @@ def replay(source, tokenizer=None, objective=None, params: Mapping[str, Any] | N
         (default: real TOFU where ``gl.data.tofu_dir()`` holds it) with as many retain samples, spread over its
         retain split, the targets 32 + 32 as in ``gl.unlearn``.
     reference:
-        The frozen reference for NPO-like terms: ``"first"`` (the first checkpoint), a model, or a folder.
+        The frozen reference for NPO-like terms (NPO, TNPO, WTNPO, DPO, KL): the run's
+        *starting* model — a model, its folder, or a zoo name. ``None`` (default): ``checkpoint-0`` when the run
+        has one, else the base model of adapter checkpoints, else an open-unlearning run's pretrained model;
+        when none of these exists and the objective reads a reference, replay refuses (an HF Trainer does not
+        save the model it starts from) rather than take a trained checkpoint for it.
     per_token, pg, chunk_size, verify:
         As in :func:`geffect_lab.g_effect`. ``dtype``/``device``: applied to each checkpoint after loading.
 
@@ -205,18 +210,27 @@ def replay(source, tokenizer=None, objective=None, params: Mapping[str, Any] | N
     -------
     xarray.Dataset
         The run schema of :func:`geffect_lab.unlearn` (``step`` = each checkpoint's global step, from
-        ``trainer_state.json`` or the folder name; ``learning_rate`` [step] from the Trainer's
-        ``log_history`` where it logged that step), plus ``interval_effect`` [step, instance, layer] =
+        ``trainer_state.json`` or the folder name; ``learning_rate`` [step] = the rate of the update
+        from that step to the next, as ``gl.unlearn`` stores it, read from the Trainer's schedule or its
+        ``log_history``: ``attrs["learning_rate_source"]`` says which, NaN where unknown), plus
+        ``interval_effect`` [step, instance, layer] =
         ``⟨∇_l R_i(θ_a), θ_a − θ_b⟩`` at each checkpoint ``a`` with the next one ``b`` (NaN at the last) and
-        ``interval_risk_change`` [step, instance] = ``R_i(θ_b) − R_i(θ_a)``. Ctrl-C returns the checkpoints
+        ``interval_risk_change`` [step, instance] = ``R_i(θ_b) − R_i(θ_a)`` (both at ``a``, over the
+        interval to the next checkpoint; no learning rate enters them). Ctrl-C returns the checkpoints
         measured so far (``attrs["complete"] = 0``).
     """
     check_chunk_size(chunk_size)
     dtype = check_dtype(dtype)
     if device is not None:
         check_device(device)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = _load_tokenizer(tokenizer)
     if tokenizer is not None:
         check_tokenizer_type(tokenizer)
+    if isinstance(reference, str) and reference == "first":
+        raise ReplayError("reference='first' is gone: the first checkpoint is a model after one update, not the "
+                          "run's starting model. Pass the starting model (a model, its folder or a zoo name), or "
+                          "leave reference=None to take checkpoint-0 or the adapters' base model")
     checkpoints = find_checkpoints(source)
     ou = read_open_unlearning_run(source) if isinstance(source, (str, os.PathLike)) else None
     if base_model is None and ou is not None and ou.model_path and Path(ou.model_path).is_dir():
@@ -240,13 +254,10 @@ def replay(source, tokenizer=None, objective=None, params: Mapping[str, Any] | N
         refusals = data.refusals if refusals is None else refusals
     m = Measurement(first, tok, objective, params, forget=forget, targets=targets, retain=retain or None,
                     refusals=refusals, template=template, verify=verify)
-    if isinstance(reference, str) and reference == "first":
-        m.set_reference(first, label=f"first checkpoint ({checkpoints[0].path.name})")
-    else:
-        ref = loader.load(Checkpoint(-1, Path(reference))) if isinstance(reference, (str, os.PathLike)) else reference
-        m.set_reference(ref, label="given")
-        del ref
+    ref, label = _starting_model(m, reference, checkpoints, loader, ou, source, first)
+    m.set_reference(ref, label=label)
     m.release_reference()  # its quantities are cached: the model itself is not kept
+    del ref
     del first
     measured: dict[int, xr.Dataset] = {}
     try:
@@ -278,12 +289,77 @@ def _run_data(ou: OpenUnlearningRun | None, source, world):
 
 
 def _tokenizer(ckpt: Checkpoint):
-    from transformers import AutoTokenizer
-
     for folder in (ckpt.path, ckpt.path.parent):
         if (folder / "tokenizer_config.json").exists():
-            return AutoTokenizer.from_pretrained(folder)
-    raise ReplayError(f"{ckpt.path}: no tokenizer saved with the checkpoint; pass tokenizer=")
+            return _load_tokenizer(folder)
+    raise ReplayError(f"{ckpt.path}: no tokenizer saved with the checkpoint (a Trainer saves it only when given "
+                      "processing_class=tok): pass tokenizer= (a tokenizer, its folder or a zoo name; in the CLI "
+                      "--tokenizer FOLDER)")
+
+
+def _load_tokenizer(source):
+    """A tokenizer from a folder (or a zoo name: the zoo model's own)."""
+    from transformers import AutoTokenizer
+
+    from .zoo import ZOO, entry_dir, tokenizer_dir
+
+    folder = Path(source)
+    if not folder.is_dir() and str(source) in ZOO:
+        folder = entry_dir(str(source)) if (entry_dir(str(source)) / "tokenizer_config.json").exists() \
+            else tokenizer_dir(ZOO[str(source)].world)
+    if not (folder / "tokenizer_config.json").exists():
+        raise ReplayError(f"tokenizer={str(source)!r}: not a folder holding a saved tokenizer (tokenizer_config.json)"
+                          " nor a zoo name; give the folder the tokenizer was saved to (tok.save_pretrained)")
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _reads_a_reference(m: Measurement) -> bool:
+    return any(n.startswith("ref_") for t in m.objective.terms for n in t.spec.needs)
+
+
+def _starting_model(m: Measurement, reference, checkpoints: list[Checkpoint], loader: _Loader,
+                    ou: OpenUnlearningRun | None, source, first):
+    """The frozen reference of NPO-like terms: the run's starting model, never guessed.
+
+    Given (a model, a folder, a zoo name); else ``checkpoint-0``; else the base model of adapter checkpoints (an
+    adapter trains on a frozen base, which is the starting model of the reference); else an open-unlearning run's
+    ``pretrained_model_name_or_path``. An objective that reads no reference needs none. Otherwise: refused."""
+    needed = _reads_a_reference(m)
+    if reference is not None:
+        if not isinstance(reference, (str, os.PathLike)):
+            return reference, "given"
+        return _load_reference(reference, loader), f"given ({reference})"
+    if not needed:
+        return first, "none read (the objective reads no reference model)"
+    if checkpoints[0].step == 0:
+        return first, f"the starting model ({checkpoints[0].path.name})"
+    if checkpoints[0].is_adapter:
+        return loader.base_model_of(checkpoints[0]), "the adapters' base model (an adapter run's starting model)"
+    if ou is not None and ou.model_path and Path(ou.model_path).is_dir():
+        return _load_reference(ou.model_path, loader), f"the run's pretrained model ({ou.model_path})"
+    names = ", ".join(sorted({n for t in m.objective.terms for n in t.spec.needs if n.startswith("ref_")}))
+    raise ReplayError(
+        f"{source}: the objective {m.objective.name!r} reads a frozen reference model ({names}), which must be the "
+        f"run's starting model, and the folder has none: its first checkpoint is {checkpoints[0].path.name} (an HF "
+        "Trainer never saves the model it starts from). Pass it: reference= (the starting model, its folder or a "
+        "zoo name) in Python, --reference FOLDER_OR_ZOO_NAME in the CLI; or, before training, save it as "
+        "checkpoint-0 (model.save_pretrained(output_dir + '/checkpoint-0'))")
+
+
+def _load_reference(source, loader: _Loader):
+    """A reference model from a folder (full weights, or an adapter on its base) or a zoo name, in the replay's
+    dtype and device."""
+    from .zoo import ZOO
+    from .zoo import load as zoo_load
+
+    folder = Path(source)
+    if folder.is_dir():
+        return loader.load(Checkpoint(-1, folder), check_architecture=False)
+    if str(source) in ZOO:
+        model, _ = zoo_load(str(source), dtype=loader.dtype, device=loader.device)
+        return model
+    raise ReplayError(f"reference={str(source)!r}: neither a folder nor a zoo name; give the run's starting model "
+                      f"(a model, the folder it was saved to, or one of the zoo's names: {', '.join(ZOO)})")
 
 
 def _measure_backwards(m: Measurement, loader: _Loader, checkpoints: list[Checkpoint],
@@ -329,7 +405,12 @@ def _dataset(m: Measurement, checkpoints: list[Checkpoint], measured: dict[int, 
     complete = len(steps) == len(checkpoints)
     origin = json.dumps([str(p) for p in source]) if isinstance(source, (list, tuple)) else str(source)
     attrs = {**measured[steps[0]].attrs, "replayed_from": origin, "checkpoints": len(checkpoints),
-             "recorded_by": "replay", "complete": int(complete), "stop_reason": "" if complete else "interrupted"}
+             "recorded_by": "replay", "complete": int(complete), "stop_reason": "" if complete else "interrupted",
+             "learning_rate_convention": CONVENTION,
+             "learning_rate_source": read_rates([c.path for c in checkpoints]).source,
+             "interval_convention": "interval_effect and interval_risk_change at step a: from checkpoint a to the "
+                                    "next checkpoint b, <grad R_i(theta_a), theta_a - theta_b> and R_i(theta_b) - "
+                                    "R_i(theta_a); NaN at the last checkpoint"}
     return table.dataset(attrs)
 
 

@@ -385,10 +385,22 @@ class GEffectAccessor:
     def cumulative(self, var: str = "g_effect") -> xr.DataArray:
         """Σ_{s<t} lr_s · e_s along ``step``: by first order, the risk change up to step t is ``-cumulative``.
         Needs the run's ``learning_rate``; steps where nothing was recorded count as zero."""
-        if "learning_rate" not in self._ds:
-            raise KeyError("this Dataset has no learning_rate (a single g_effect measurement has no run to "
-                           "accumulate over); use a Dataset from gl.unlearn")
-        da = (self._ds[var] * self._ds["learning_rate"]).fillna(0.0)
+        ds = self._ds
+        if "learning_rate" not in ds:
+            raise KeyError("this Dataset has no per-step learning rates (learning_rate), so there is no run to "
+                           "accumulate over: a gl.unlearn run has them; a GEffectRecorder gets them from "
+                           "record(..., lr=...) or its Trainer callback; gl.replay from the Trainer's "
+                           "training_args.bin or its logged rates (logging_steps=1)")
+        lr, recorded = ds["learning_rate"], ds[var].notnull().any([d for d in ds[var].dims if d != "step"])
+        missing = [int(s) for s in ds.step.values[:-1] if bool(recorded.sel(step=s)) and np.isnan(lr.sel(step=s))]
+        if missing:
+            source = ds.attrs.get("learning_rate_source")
+            raise ValueError(f"the learning rate of the update leaving step(s) {missing[:8]} is unknown (NaN), so "
+                             f"the {var} recorded there cannot be accumulated" +
+                             (f"; the replay read its rates from: {source}" if source else "") +
+                             ". Keep training_args.bin in the checkpoints or log every step (logging_steps=1), "
+                             "or pass lr= to every record()")
+        da = (ds[var] * lr).fillna(0.0)
         out = da.cumsum("step").shift(step=1, fill_value=0.0)
         out.attrs = {"long_name": f"cumulative lr-weighted {self._ds[var].attrs.get('long_name', var)}",
                      "description": "sum over earlier steps of learning_rate * " + var + "; the first-order "

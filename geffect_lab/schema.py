@@ -104,8 +104,9 @@ VARIABLES: dict[str, Variable] = {
     "sample_weight": Variable(("step", "sample"), "objective weight",
                               "the forget term's per-sample gradient weight relative to plain ascent (NPO: 2 p^beta / "
                               "(p^beta + p_o^beta); 1 means GA-like)."),
-    "learning_rate": Variable(("step",), "learning rate", "the optimiser's learning rate at the step (after "
-                                                          "warm-up)."),
+    "learning_rate": Variable(("step",), "learning rate", "the rate of the update from this step to the next "
+                                                          "(theta_t -> theta_t+1), as the optimiser used it; NaN "
+                                                          "where no update follows or the rate is unknown."),
     # TOFU metrics (geffect_lab.metrics)
     "probability": Variable(("step", "instance"), "probability",
                             "exp(-mean token NLL) of the answer (TOFU's normalised probability); on sets without "

@@ -116,7 +116,7 @@ def test_accessor_views(runs):
     np.testing.assert_allclose(cum.values[1:], manual[:-1])
     assert (cum.isel(step=0) == 0).all()
     np.testing.assert_allclose(ds.geffect.risk_change().values, ds.risk.values - ds.risk.values[0])
-    with pytest.raises(KeyError, match="no learning_rate"):
+    with pytest.raises(KeyError, match=r"no per-step learning rates \(learning_rate\)"):
         ds.drop_vars("learning_rate").geffect.cumulative()
 
 
