@@ -81,6 +81,13 @@ def test_lora_adapter_checkpoints_replay_over_the_adapters(setting, target, tmp_
     steps = list(range(STEPS))
     assert relative_error(ds.g_effect.sel(step=steps).values, live.g_effect.values) < 1e-9
     assert relative_error(ds.interval_effect.sel(step=steps).values, LR * live.update_effect.values) < 1e-9
+    # without checkpoint-0, NPO's reference is the adapters' base model: the same numbers as passing it
+    later = [tmp_path / f"checkpoint-{s}" for s in range(1, STEPS + 1)]
+    args = dict(forget=forget, targets=targets, base_model=base, per_token=False, pg=False, progress=False)
+    npo = gl.replay(later, tok, "npo", **args)
+    assert npo.attrs["reference"] == "the adapters' base model (an adapter run's starting model)"
+    np.testing.assert_array_equal(npo.g_effect.values, gl.replay(later, tok, "npo", reference=base,
+                                                                 **args).g_effect.values)
 
 
 def test_an_interrupted_replay_returns_what_it_measured(full_run, setting, monkeypatch):
