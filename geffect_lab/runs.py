@@ -64,6 +64,25 @@ DEFAULTS = {"forget": "forget05", "optimizer": "adamw", "lr": 3e-4, "batch_size"
             "weight_decay": 0.0, "warmup": 0, "record_every": 1}
 
 
+def _check_cadence(record_every, record) -> int | dict[str, int]:
+    """``record_every``: one whole number for every recorded variable, or ``{variable: k}`` (others every step)."""
+    if not isinstance(record_every, Mapping):
+        check_number("record_every", record_every, whole=True)
+        return record_every
+    unknown = sorted(set(record_every) - set(RECORD_ALL))
+    if unknown:
+        raise ValueError(f"record_every names {unknown}, which are not per-step variables; use some of "
+                         f"{', '.join(RECORD_ALL)}, e.g. {{'g_effect': 1, 'g_effect_token': 5}}")
+    for name, k in record_every.items():
+        check_number(f"record_every[{name!r}]", k, whole=True)
+    # the PG-effect and the sample effect come from the same passes: one cadence for both
+    per_sample = {record_every[v] for v in PER_SAMPLE if v in record_every and v in record}
+    if len(per_sample) > 1:
+        raise ValueError(f"record_every gives pg_effect and sample_effect different cadences {sorted(per_sample)}; "
+                         "they come from the same passes: give them one")
+    return dict(sorted(record_every.items()))
+
+
 class RunStopped(RuntimeError):
     """Raised inside the loop to stop a run early (by the callback or a non-finite loss)."""
 
@@ -230,7 +249,7 @@ class RunConfig:
     weight_decay: float = DEFAULTS["weight_decay"]
     warmup: int = DEFAULTS["warmup"]
     seed: int = 0
-    record_every: int = DEFAULTS["record_every"]
+    record_every: int | dict[str, int] = DEFAULTS["record_every"]
     record: tuple[str, ...] = RECORD_ALL
     chunk_size: int | str | None = 32
     eval_every: int | None = None
@@ -249,7 +268,8 @@ class RunConfig:
             raise ValueError(f"cannot record {sorted(unknown)}; choose from {', '.join(RECORD_ALL)}")
         if str(self.optimizer).lower() not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; use 'sgd', 'adam' or 'adamw'")
-        for name in ("batch_size", "record_every", "attribute_n_steps"):
+        object.__setattr__(self, "record_every", _check_cadence(self.record_every, self.record))
+        for name in ("batch_size", "attribute_n_steps"):
             check_number(name, getattr(self, name), whole=True)
         for name in ("steps", "eval_every", "max_new_tokens"):
             check_number(name, getattr(self, name), whole=True, optional=True)
@@ -267,6 +287,15 @@ class RunConfig:
         bad = set(self.attribute_methods) - set(TOKEN_METHODS)
         if bad:
             raise ValueError(f"attribute_methods: unknown {sorted(bad)}; use {', '.join(TOKEN_METHODS)}")
+
+    def every(self, variable: str) -> int:
+        """Record ``variable`` at steps ``0, k, 2k, …``: this ``k``."""
+        cadence = self.record_every
+        return cadence.get(variable, 1) if isinstance(cadence, dict) else cadence
+
+    def due(self, t: int) -> set[str]:
+        """The per-step variables recorded at step ``t``."""
+        return {v for v in self.record if t % self.every(v) == 0}
 
     def n_steps(self, n_forget: int) -> int:
         """The run's length: ``steps``, or ``epochs`` passes over ``n_forget`` samples in full batches."""
@@ -389,7 +418,8 @@ class _Run:
 
     def _schedule(self, config: RunConfig, n_forget: int) -> None:
         self.n_steps = config.n_steps(n_forget)
-        self.record_set = set(range(0, self.n_steps, config.record_every))
+        self.record_set = {t for t in range(self.n_steps) if config.due(t)} if config.record else \
+            set(range(0, self.n_steps, min(config.every(v) for v in RECORD_ALL)))
         self.eval_set = set(range(0, self.n_steps, config.eval_every)) if config.eval_every else set()
         self.attr_set = {int(t) for t in config.attribute_at}
         if any(t < 0 or t > self.n_steps for t in self.attr_set):
@@ -419,7 +449,8 @@ class _Run:
         return {**self.m.attrs(model), "optimizer": c.optimizer, "learning_rate": c.lr,
                 "weight_decay": c.weight_decay, "warmup": c.warmup, "batch_size": c.batch_size,
                 "steps": self.n_steps, "seed": c.seed, "forget_split": self.data.split,
-                "record_every": c.record_every, "config": c.to_json(), "data": self.data.sizes(),
+                "record_every": c.record_every if isinstance(c.record_every, int) else json.dumps(c.record_every),
+                "config": c.to_json(), "data": self.data.sizes(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "complete": 0}
 
     def lr_at(self, t: int) -> float:
@@ -464,9 +495,9 @@ class _Run:
     def _measured(self, t: int, sides, gradient, rate) -> xr.Dataset:
         """Step t's Dataset at θ_t; the update is taken on the way (before measuring, when its effect is wanted:
         the measurement then runs at the kept θ_t with the step's direction ``(θ_t − θ_{t+1}) / lr``)."""
-        record, m = set(self.config.record), self.m
+        record, m = self.config.due(t), self.m
         lr = {"learning_rate": rate}
-        if not (t in self.record_set and self.measuring):
+        if not (record and self.measuring):
             effects = _losses_only(gradient, m.risks(self.work, self.chunk_size), m.token_count)
             ds = m.dataset(self.work, effects, t, lr, samples=sides["forget"].ids)
             self._update()
@@ -593,7 +624,8 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
             eval: Mapping[str, Sequence] | None = None, world=None, steps: int | None = None,  # noqa: A002
             epochs: float | None = None, batch_size: int = DEFAULTS["batch_size"], lr: float = DEFAULTS["lr"],
             optimizer: str = DEFAULTS["optimizer"], weight_decay: float = DEFAULTS["weight_decay"],
-            warmup: int = DEFAULTS["warmup"], seed: int = 0, record_every: int = DEFAULTS["record_every"],
+            warmup: int = DEFAULTS["warmup"], seed: int = 0,
+            record_every: int | Mapping[str, int] = DEFAULTS["record_every"],
             record: Sequence[str] = RECORD_ALL, callback: Callable[[int, xr.Dataset], Any] | None = None,
             inplace: bool = False, reference=None, refusals: Sequence[str] | None = None,
             chunk_size: int | None = 32, save_every: int | None = None, out: str | os.PathLike | None = None,
@@ -620,7 +652,10 @@ def unlearn(model, tokenizer, objective="npo", params: Mapping[str, Any] | None 
         The optimisation (``"sgd"``, ``"adam"``, ``"adamw"``; linear warm-up over ``warmup`` steps, then a
         constant rate; batches from seeded permutations).
     record_every, record:
-        Measure every k-th step; which per-step variables (default all of :data:`RECORD_ALL`). ``risk``,
+        Measure every k-th step, or each variable at its own cadence (``{"g_effect": 1, "g_effect_token": 5}``:
+        the costly per-token G-effects every 5th step, the layer G-effects every step; variables not named are
+        recorded every step); which per-step variables (default all of :data:`RECORD_ALL`). A variable is NaN
+        at the steps it was not recorded at (``attrs["record_every"]`` says which cadence). ``risk``,
         ``objective_loss`` and ``learning_rate`` are always recorded.
     callback:
         ``callback(step, partial_dataset)`` after each recorded step; returning ``False`` or ``"stop"`` stops

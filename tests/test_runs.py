@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -104,6 +105,34 @@ def test_record_every_and_defaults(target, world):
     sizes = json.loads(ds.attrs["data"])
     assert sizes["n_retain_train"] == len(world["retain95"]) - 32  # held-out non-targeted instances
     assert all(world["forget05"][i].id in set(ds.instance.values) for i in (0, 49))  # spread over the split
+
+
+def test_each_variable_at_its_own_cadence(target, world, small_eval, npo_gd_run):
+    """record_every={var: k}: per-token G-effects every 2nd step, the PG-effect every 3rd, the layer G-effects every
+    step; the rest is NaN, the values where recorded are those of the run that records everything."""
+    model, tok = target
+    every = {"g_effect_token": 2, "pg_effect": 3, "sample_effect": 3}
+    ds = gl.unlearn(model, tok, "npo+gd", forget="forget05", world=world, eval=small_eval, steps=4, batch_size=8,
+                    record_every=every, progress=False)
+    full = npo_gd_run
+    assert list(ds.step.values) == [0, 1, 2, 3, 4] and ds.attrs["record_every"] == json.dumps(dict(sorted(
+        every.items())))
+    steps = [0, 1, 2, 3]
+
+    def held(name):
+        return [int(t) for t in steps if ds[name].sel(step=t).notnull().any()]
+
+    assert held("g_effect") == held("update_effect") == steps
+    assert held("g_effect_token") == [0, 2] and held("pg_effect") == held("sample_effect") == [0, 3]
+    for name, at in (("g_effect", steps), ("g_effect_token", [0, 2]), ("pg_effect", [0, 3]), ("risk", steps)):
+        assert relative_error(ds[name].sel(step=at).values, full[name].sel(step=at).values) <= 1e-5, name
+    assert gl.RunConfig.from_dataset(ds).record_every == dict(sorted(every.items()))
+    for bad, message in [({"g_effect_tokens": 2}, r"record_every names \['g_effect_tokens'\], which are not "
+                                                  r"per-step variables"),
+                         ({"g_effect": 0}, r"record_every\['g_effect'\]=0 is not valid"),
+                         ({"pg_effect": 2, "sample_effect": 3}, r"different cadences \[2, 3\]")]:
+        with pytest.raises(ValueError, match=message):
+            gl.unlearn(model, tok, "ga", world=world, steps=1, record_every=bad, progress=False)
 
 
 def test_a_run_is_deterministic(target, world, small_eval):
