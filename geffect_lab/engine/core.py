@@ -151,7 +151,8 @@ def fast_effects(model, groups: LayerGroups, objective: Objective, sides: dict[s
 
     ``gradient`` reuses an objective gradient already computed (a training loop has it for its update);
     ``extra`` directions (the optimiser's step) are contracted in the same pass into ``Effects.extra``;
-    ``verify`` holds the per-layer totals to one plain backward (:func:`check_totals`) before returning.
+    ``verify`` holds the per-layer totals of a few targets (:func:`check_rows`) to one plain backward over them
+    (:func:`check_totals`), and the decompositions to each other, before returning.
     """
     gradient = gradient if gradient is not None else term_gradients(model, objective, sides, reference)
     grads = gradient.grads
@@ -201,7 +202,10 @@ def fast_effects(model, groups: LayerGroups, objective: Objective, sides: dict[s
     if pg:
         sample_eff, pg_eff = _fast_per_sample(model, groups, objective, sides, reference, set_grads)
     if verify:
-        check_totals(model, groups, grads, targets, g_eff[..., :n_terms], chunk_size, objective.term_names)
+        rows = check_rows(lengths)
+        picked = torch.as_tensor(rows)
+        check_totals(model, groups, grads, {k: v[picked] for k, v in targets.items()}, g_eff[rows, :, :n_terms],
+                     chunk_size, objective.term_names)
         check_decompositions(model, g_eff[..., :n_terms], tok_eff if per_token else None, sample_eff, target_sets,
                              [t.spec.role for t in objective.terms].index("forget"))
     return Effects(g_eff[..., :n_terms], tok_eff, risks, _token_count(targets), pg_eff, gradient.term_loss,
@@ -220,13 +224,34 @@ class EngineCheckError(RuntimeError):
     """The fast engine disagrees with a plain backward: its numbers for this model would be wrong."""
 
 
+# Targets in the built-in check's plain backward: enough to see a wrong formula, whose error shows on every row
+# it touches, at a small part of the cost of a backward over all the targets (tests/engine/test_bad_models.py
+# breaks the engine in each way it has been wrong and sees the check refuse it on these rows)
+CHECK_ROWS = 4
+
+
+def check_rows(lengths: torch.Tensor, k: int = CHECK_ROWS, seed: int = 0) -> np.ndarray:
+    """The targets the built-in check runs over: the shortest (the most padding in a batch) and the longest row,
+    so that a defect that depends on padding or on position shows, and ``k − 2`` others drawn with a fixed seed;
+    every row when there are at most ``k``."""
+    n = len(lengths)
+    if n <= k:
+        return np.arange(n)
+    order = torch.argsort(lengths, stable=True).numpy()
+    ends = [int(order[0]), int(order[-1])]
+    others = np.setdiff1d(np.arange(n), ends)
+    drawn = np.random.default_rng(seed).choice(others, k - 2, replace=False)
+    return np.sort(np.concatenate([ends, drawn]))
+
+
 def check_totals(model, groups: LayerGroups, directions: Sequence[dict[int, torch.Tensor]],
                  targets: dict[str, torch.Tensor], g_eff: np.ndarray, chunk_size: int | None,
                  term_names: Sequence[str], seed: int = 0) -> None:
     """The built-in check: ``Σ_i w_i e_{i,l,t}`` from the fast engine against ``⟨∇ Σ_i w_i R_i, G_t⟩`` per layer
     group from one plain batched backward, with random instance weights ``w_i ∈ [0.5, 1.5)`` so that a value
     attributed to the wrong instance shows too. Raises :class:`EngineCheckError` naming the layer, the term and
-    the module types in that layer. Costs one backward over the targets."""
+    the module types in that layer. Costs one backward over the ``targets`` given (:func:`check_rows` picks
+    them)."""
     n = targets["input_ids"].shape[0]
     weights = 0.5 + torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     params = trainable_parameters(model)

@@ -76,6 +76,13 @@ def _always(module) -> bool:
     return True
 
 
+def hookable(output: torch.Tensor) -> torch.Tensor:
+    """Where a module output's gradient hook goes: a fresh copy, not the output itself (a view): a view modified in
+    place downstream (Falcon's ``mlp_output += attention_output``) leaves the graph with its hook, which would
+    then never fire. The original output is freed, so the copy costs no memory."""
+    return output.clone()
+
+
 FAST_TANGENTS: dict[type, FastTangent] = {
     nn.Linear: FastTangent(frozenset({"weight", "bias"}), _linear, _always),
     # max_norm renormalises the looked-up rows, which is not linear in the weight
@@ -373,10 +380,7 @@ class GhostPass:
                     tangent = None if tangent is None else tangent.expand_as(primal).clone()
                     pieces = [(g, d, t.expand_as(primal)) for g, d, t in pieces]
                 self._check_rows(module, primal.shape, n_rows)
-                # The hook goes on a fresh copy, not on the primal (a view of the output): a view modified in
-                # place downstream (Falcon's ``mlp_output += attention_output``) leaves the graph with its hook,
-                # which would then never fire. The original output is freed, so the copy costs no memory.
-                base = primal.clone()
+                base = hookable(primal)
                 base.register_hook(self._contract(pieces))
                 if self.propagate:
                     total = sum(t for _, d, t in pieces if d in self.tangent_dirs)

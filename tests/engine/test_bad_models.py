@@ -3,6 +3,7 @@ computation, naming the token id, the instance, the module or the device."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -126,3 +127,69 @@ def test_a_homogeneous_but_nonlinear_norm_takes_the_exact_path(tokenizer, few):
     fast = gl.g_effect(model, tokenizer, "ga", **args)
     ref = gl.g_effect(model, tokenizer, "ga", engine="reference", **args)
     assert gl.testing.relative_error(fast.g_effect, ref.g_effect) <= 1e-9
+
+
+# ------------------------------------------------------------------------------------------ the cheap check
+@pytest.fixture(scope="module")
+def many(world):
+    """More targets than the check's rows (core.CHECK_ROWS), of varied lengths: the check runs over a subset."""
+    return dict(forget=world["forget01"][:2], targets={"targeted": world["forget01"][2:10],
+                                                       "non_targeted": world["retain_perturbed"][:8]})
+
+
+def test_the_check_runs_over_the_shortest_the_longest_and_two_drawn_rows():
+    from geffect_lab.engine.core import CHECK_ROWS, check_rows
+
+    lengths = torch.tensor([7, 3, 9, 5, 12, 4, 8, 6, 10, 11])
+    rows = check_rows(lengths)
+    assert len(rows) == CHECK_ROWS == 4 and {1, 4} <= set(rows.tolist())  # lengths 3 and 12
+    assert np.array_equal(rows, check_rows(lengths)) and np.array_equal(check_rows(lengths[:3]), [0, 1, 2])
+
+
+def _refused(model, tokenizer, many, layer: str):
+    with pytest.raises(EngineCheckError, match=rf"layer '{layer}'"):
+        gl.g_effect(model, tokenizer, "npo+gd", retain=many["forget"], **many)
+
+
+def test_the_cheap_check_refuses_a_scaled_embedding_taken_for_a_plain_one(tokenizer, many, monkeypatch):
+    """Gemma multiplies its embedding by √d in a subclass of nn.Embedding: given the plain embedding's formula
+    (the defect the exact-type rule fixed), the G-effect on the embedding is √d times too small, and refused."""
+    from transformers.models.gemma.modeling_gemma import GemmaTextScaledWordEmbedding
+
+    from geffect_lab.engine import ghost
+    from geffect_lab.testing import tiny_causal_lm
+
+    model = tiny_causal_lm("gemma", len(tokenizer))
+    monkeypatch.setitem(ghost.FAST_TANGENTS, GemmaTextScaledWordEmbedding, ghost.FAST_TANGENTS[nn.Embedding])
+    _refused(model, tokenizer, many, "embed")
+
+
+def test_the_cheap_check_refuses_hooks_lost_to_an_in_place_update(tokenizer, many, monkeypatch):
+    """Falcon adds the attention output to the MLP output in place: a hook on the output itself (the defect the
+    copy in ghost.hookable fixed) never fires, and a block's G-effect goes missing, which is refused."""
+    from geffect_lab.engine import ghost
+    from geffect_lab.testing import tiny_causal_lm
+
+    model = tiny_causal_lm("falcon", len(tokenizer))
+    monkeypatch.setattr(ghost, "hookable", lambda output: output)
+    with pytest.raises(EngineCheckError, match=r"layer 'layers\.\d+' .* FalconLinear"):
+        gl.g_effect(model, tokenizer, "npo+gd", retain=many["forget"], **many)
+
+
+def test_the_cheap_check_refuses_a_wrong_closed_formula_for_a_new_module_type(tokenizer, many, monkeypatch):
+    """A module type without a closed formula takes forward mode; given a wrong one (y = |w|·x taken as linear in
+    w), its layer's G-effect is wrong, and refused."""
+    from geffect_lab.engine import ghost
+
+    class Gate(_Abs):
+        pass
+
+    model = tiny_model("llama", len(tokenizer))
+    model.model.layers[1].mlp = nn.Sequential(model.model.layers[1].mlp, Gate(model.config.hidden_size))
+    args = dict(retain=many["forget"], per_token=False, pg=False, **many)
+    fast, ref = gl.g_effect(model, tokenizer, "npo+gd", **args), gl.g_effect(model, tokenizer, "npo+gd",
+                                                                           engine="reference", **args)
+    assert gl.testing.relative_error(fast.g_effect, ref.g_effect) <= 1e-9  # the exact path, as it is
+    monkeypatch.setitem(ghost.FAST_TANGENTS, Gate,
+                        ghost.FastTangent(frozenset({"weight"}), lambda m, g, a, k: g["weight"] * a[0], ghost._always))
+    _refused(model, tokenizer, many, "layers.1")
