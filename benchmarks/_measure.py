@@ -35,16 +35,20 @@ def _trim() -> None:
         pass
 
 
-def peak_memory_mib(fn: Callable[[], object], device: str = "cpu") -> float:
-    """Peak memory the call adds on top of what was in use before it, in MiB."""
+def peak_memory_mib(fn: Callable[[], object], device: str = "cpu", reserved: bool = False) -> float:
+    """Peak memory the call adds on top of what was in use before it, in MiB (on a GPU, with ``reserved``, the
+    caching allocator's reserved memory rather than the live tensors)."""
     _trim()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+        now, peak = ((torch.cuda.memory_reserved, torch.cuda.max_memory_reserved) if reserved
+                     else (torch.cuda.memory_allocated, torch.cuda.max_memory_allocated))
+        before = now()
         fn()
         torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
+        return (peak() - before) / 2**20
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     before = _kib("VmRSS")
     fn()

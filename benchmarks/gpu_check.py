@@ -102,8 +102,14 @@ def memory(model, tok, sets, device: str) -> dict:
                                                    verify="never"), device=device)
     est = gl.estimate_memory(model, n, seq_len, per_token=True, pg=True, n_terms=2, chunk_size=16,
                              n_samples=len(sets["forget"]), verify=False)
+    # what the allocator holds (reserved on a GPU, resident on the CPU) against the resident estimate
+    held = peak_memory_mib(lambda: gl.g_effect(model, tok, "npo+gd", forget=sets["forget"], retain=sets["retain"],
+                                               targets=targets, chunk_size=16, verify="never"),
+                           device=device, reserved=True)
     mib = {k: v / 2**20 for k, v in est.items() if isinstance(v, (int, float)) and k != "chunk_size"}
     return {"measured_mib": measured, "estimated_mib": mib["working"], "ratio": mib["working"] / measured,
+            "reserved_mib": held, "estimated_resident_mib": mib["working_resident"],
+            "resident_ratio": mib["working_resident"] / held,
             "estimate_mib": mib, "peak_stage": est.get("peak_stage"), "instances": n, "seq_len": seq_len}
 
 

@@ -39,14 +39,16 @@ def gb(n: float) -> str:
 def row(name: str, cfg, samples: int, per_token: bool, pg: bool, verify: bool) -> str:
     kwargs = dict(per_token=per_token, pg=pg, n_terms=N_TERMS, verify=verify, n_samples=samples)
     try:
-        chunk = auto_chunk_size(cfg, N_INSTANCES, SEQ_LEN, budget_bytes=BUDGET, dtype=torch.bfloat16, **kwargs)
+        chunk = auto_chunk_size(cfg, N_INSTANCES, SEQ_LEN, budget_bytes=BUDGET, dtype=torch.bfloat16, device="cuda",
+                                **kwargs)
     except ValueError:
         chunk = None
-    plan = estimate_memory(cfg, N_INSTANCES, SEQ_LEN, torch.bfloat16, chunk_size=chunk or 1, **kwargs)
+    plan = estimate_memory(cfg, N_INSTANCES, SEQ_LEN, torch.bfloat16, chunk_size=chunk or 1, device="cuda", **kwargs)
     flags = f"{samples} | {per_token!s:5} | {pg!s:5} | {verify!s:5}"
     picked = str(chunk) if chunk else "does not fit (at chunk 1)"
     return (f"| {name} | {flags} | {gb(plan['weights'])} | {gb(plan['objective_gradients'])} | "
-            f"{gb(plan['risk_gradients'])} | {gb(plan['activations'])} | {gb(plan['peak'])} | {plan['peak_stage']} | "
+            f"{gb(plan['risk_gradients'])} | {gb(plan['activations'])} | {gb(plan['peak'])} | "
+            f"{gb(plan['peak_resident'])} | {plan['peak_stage']} | "
             f"{picked} |")
 
 
@@ -61,17 +63,21 @@ def table() -> str:
         f"terms), {N_INSTANCES // 2} + {N_INSTANCES // 2} target instances, `samples` forget (and retain) samples "
         f"per term, seq_len {SEQ_LEN}, budget 0.8 × 80 GB = {gb(BUDGET)} GB. GB = 10⁹ bytes. `activations`: one "
         "target chunk's pass at the chunk picked; `peak`: weights included, at that chunk (at chunk 1 when nothing "
-        "fits). `verify`: the engine's built-in check on a measurement's first call (`verify=\"first\"`, the "
-        "default). Regenerate with `.venv/bin/python benchmarks/memory_table.py`.",
+        "fits). `peak reserved`: with the GPU allocator's overhead as `estimate_memory` models it "
+        "(`ALLOCATOR_SLACK`; not measured on this project's machines), what the chunk is picked by. `verify`: the "
+        "engine's built-in check on a measurement's first call (`verify=\"first\"`, the default). Regenerate with "
+        "`.venv/bin/python benchmarks/memory_table.py`.",
         "",
         "| model | samples | per_token | pg | verify | weights | objective grads | risk grads | activations | "
-        "peak | peak stage | chunk_size for 80 GB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "peak | peak reserved | peak stage | chunk_size for 80 GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, shapes in MODELS.items():
         cfg = LlamaConfig(**shapes)
         lines += [row(name, cfg, samples, *setting) for samples in SAMPLES for setting in SETTINGS]
-    return "\n".join(lines) + "\n"
+    from memory_measured import section
+
+    return "\n".join(lines) + "\n\n" + section()
 
 
 def main(argv=None) -> None:

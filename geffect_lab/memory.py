@@ -22,12 +22,25 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from .engine.core import CHECK_ROWS
+
 __all__ = ["estimate_memory", "auto_chunk_size", "default_budget", "ModelShapes", "model_shapes"]
 
 # Live copies of each activation at the end of a pass's forward, per unit of the module outputs' bytes (see
 # estimate_memory's Notes). Fitted to peaks measured on the CPU (tests/test_memory.py) for Llama models.
 BODY = {True: 3.0, False: 1.0}          # per_token (forward-mode tangents) or not
 HEAD = {True: 4.0, False: 2.0}          # float32 copies of the [L, vocab] log-probabilities
+# What the process really takes above the live tensors, per byte of one target pass's activations: an allocator
+# keeps the freed blocks of the largest pass (glibc's heap below its dynamic mmap threshold, PyTorch's CUDA caching
+# allocator its reserved segments) and reuses only part of them in the stages after it. The CPU's factor is
+# measured in fresh processes with glibc's default settings (benchmarks/memory_measured.py: the estimate with it
+# is 0.94-1.05x the peak resident memory over 8 processes, 0.9 M to 123 M parameters, without it 0.61-0.92x);
+# CUDA's is not measured on this project's machines (no GPU) and assumed from the caching allocator's usual
+# fragmentation: benchmarks/gpu_check.py prints the reserved peak beside the estimate where a GPU is lent.
+ALLOCATOR_SLACK = {"cpu": 0.7, "cuda": 0.2}
+# chunk_size="auto" plans with this fraction of the free memory: the margin covers the largest under-estimate
+# measured on the CPU (6 %) with room for what else the process and the machine allocate meanwhile
+BUDGET_FRACTION = 0.8
 
 
 @dataclass(frozen=True)
@@ -192,15 +205,15 @@ def _stages(shapes: ModelShapes, n_instances: int, *, per_token: bool, pg: bool,
               "target chunk": terms + held + max(rows * _pass_row(shapes, per_token, n_terms), g if pg else 0)}
     if pg:
         stages["PG-effect"] = terms + kept + n_samples * _pass_row(shapes, False, n_sets)
-    if verify:  # one plain backward over the targets, in chunks, summed into a float32 (at least) gradient
-        check_rows = min(chunk_size or n_instances, n_instances)
+    if verify:  # one plain backward over a few targets, summed into a float32 (at least) gradient
+        check_rows = min(chunk_size or n_instances, n_instances, CHECK_ROWS)
         stages["verify"] = terms + kept + shapes.gradient_acc + g + check_rows * _pass_row(shapes, False, 0)
     return stages, rows
 
 
 def estimate_memory(model_or_config, n_instances: int, seq_len: int, dtype=None, per_token: bool = True,
                     pg: bool = True, n_terms: int = 2, chunk_size: int | None = None, *, n_sets: int = 2,
-                    n_samples: int | None = None, verify: bool = True) -> dict:
+                    n_samples: int | None = None, verify: bool = True, device=None) -> dict:
     """Estimated memory of one :func:`geffect_lab.g_effect` call (the fast engine), from shapes alone.
 
     Parameters
@@ -230,6 +243,9 @@ def estimate_memory(model_or_config, n_instances: int, seq_len: int, dtype=None,
     verify : bool
         Whether the call runs the engine's built-in check (``verify="first"``, the default, does on a
         measurement's first call).
+    device : str or torch.device, optional
+        Where the call runs, for the allocator's overhead (default: the model's device; for a config, the GPU
+        if there is one, else the CPU).
 
     Returns
     -------
@@ -238,7 +254,9 @@ def estimate_memory(model_or_config, n_instances: int, seq_len: int, dtype=None,
         ``risk_gradients`` (with ``pg``, one gradient per target set), ``activations`` (one target pass),
         ``working`` (what the call adds on top of the weights at its peak) and ``peak`` (``weights +
         working``); ``stages`` (each stage's ``working``), ``peak_stage`` (the largest) and ``chunk_size``
-        (rows in a target pass).
+        (rows in a target pass). These count live tensors. ``working_resident`` and ``peak_resident`` add what
+        the ``device``'s allocator holds beyond them (what a user sees: the process's resident memory on the
+        CPU, the reserved memory on a GPU), and ``device`` names the device type they are for.
 
     Notes
     -----
@@ -253,8 +271,8 @@ def estimate_memory(model_or_config, n_instances: int, seq_len: int, dtype=None,
        previous pass's gradient are held (up to ``(n_sets + 1) × G``).
     3. *PG-effect* (``pg``): two passes over the forget samples (their losses for ``sample_effect``, their answer
        log-likelihoods for ``pg_effect``), one after the other, against the ``n_sets`` risk gradients.
-    4. *Verify*: one plain forward and backward per chunk of targets, its gradient (``G``) summed into a
-       float32 one (float64 for a float64 model).
+    4. *Verify*: one plain forward and backward over a few targets (``CHECK_ROWS``), its gradient (``G``)
+       summed into a float32 one (float64 for a float64 model).
 
     A pass's activations per row come from a meta forward of ``[1, seq_len]``, and scale with its rows:
 
@@ -270,9 +288,11 @@ def estimate_memory(model_or_config, n_instances: int, seq_len: int, dtype=None,
       (gathered logits, log-softmax), 4 with tangents.
 
     The factors were fitted to peaks measured on the CPU (live tensor bytes; ``tests/test_memory.py`` holds
-    the estimate to ±30 % of them). An allocator adds its own slack on top (PyTorch's CUDA caching allocator
-    typically 5–20 %; glibc's heap on the CPU can keep much more resident), so plan with a margin, as
-    :func:`auto_chunk_size`'s default budget does.
+    the estimate to ±30 % of them). An allocator keeps more than the live tensors: freed blocks of the largest
+    pass stay with it and are only partly reused by later stages. ``working_resident`` adds
+    ``ALLOCATOR_SLACK[device] ×`` one target pass's activations: 0.7 on the CPU, measured with glibc's default
+    settings (``benchmarks/memory_measured.py`` and ``tests/test_memory.py`` hold it to ±25 % of the peak
+    resident memory of fresh processes); 0.2 on a GPU, not measured here.
     """
     from ._batching import check_number
 
@@ -282,20 +302,33 @@ def estimate_memory(model_or_config, n_instances: int, seq_len: int, dtype=None,
         check_number(name, value, whole=True, optional=True)
     shapes = model_shapes(model_or_config, seq_len, dtype)
     return _estimate(shapes, n_instances, per_token=per_token, pg=pg, n_terms=n_terms, chunk_size=chunk_size,
-                     n_sets=n_sets, n_samples=n_samples, verify=verify)
+                     n_sets=n_sets, n_samples=n_samples, verify=verify,
+                     device_type=_device_type(model_or_config, device))
 
 
-def _estimate(shapes: ModelShapes, n_instances: int, *, n_samples: int | None, **kwargs) -> dict:
+def _device_type(model_or_config, device) -> str:
+    """``"cpu"`` or ``"cuda"``: the given device, else the model's, else (a config, a meta model) the GPU if any."""
+    if device is None and isinstance(model_or_config, nn.Module):
+        device = next(model_or_config.parameters()).device
+    kind = torch.device(device).type if device is not None else "meta"
+    if kind == "meta":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    return kind if kind in ALLOCATOR_SLACK else "cuda"
+
+
+def _estimate(shapes: ModelShapes, n_instances: int, *, n_samples: int | None, device_type: str, **kwargs) -> dict:
     n_sets = kwargs["n_sets"]
     n_samples = max(1, math.ceil(n_instances / n_sets)) if n_samples is None else n_samples
     stages, rows = _stages(shapes, n_instances, n_samples=n_samples, **kwargs)
     stage = max(stages, key=stages.get)
     g = shapes.gradient
+    activations = rows * _pass_row(shapes, kwargs["per_token"], kwargs["n_terms"])
+    resident = stages[stage] + int(ALLOCATOR_SLACK[device_type] * activations)
     return {"weights": shapes.weights, "objective_gradients": kwargs["n_terms"] * g,
-            "risk_gradients": n_sets * g if kwargs["pg"] else 0,
-            "activations": rows * _pass_row(shapes, kwargs["per_token"], kwargs["n_terms"]),
+            "risk_gradients": n_sets * g if kwargs["pg"] else 0, "activations": activations,
             "working": stages[stage], "peak": shapes.weights + stages[stage], "stages": stages,
-            "peak_stage": stage, "chunk_size": rows}
+            "peak_stage": stage, "chunk_size": rows, "device": device_type, "working_resident": resident,
+            "peak_resident": shapes.weights + resident}
 
 
 # ------------------------------------------------------------------------------------------ the chunk size
@@ -311,8 +344,8 @@ def _meminfo_available() -> int | None:
 
 
 def default_budget(device: torch.device | str | None = None) -> int:
-    """80 % of the free memory of ``device``: ``torch.cuda.mem_get_info`` on a GPU; on the CPU the system's
-    available memory (``psutil`` if installed, else ``MemAvailable`` from ``/proc/meminfo``)."""
+    """``BUDGET_FRACTION`` (80 %) of the free memory of ``device``: ``torch.cuda.mem_get_info`` on a GPU; on the
+    CPU the system's available memory (``psutil`` if installed, else ``MemAvailable`` from ``/proc/meminfo``)."""
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
@@ -325,7 +358,7 @@ def default_budget(device: torch.device | str | None = None) -> int:
             free = _meminfo_available()
         if free is None:
             raise RuntimeError("cannot tell the free memory of this machine; pass budget_bytes=")
-    return int(0.8 * free)
+    return int(BUDGET_FRACTION * free)
 
 
 def _size(n: float) -> str:
@@ -334,29 +367,30 @@ def _size(n: float) -> str:
 
 def auto_chunk_size(model, n_instances: int, seq_len: int, *, budget_bytes: int | float | None = None,
                     per_token: bool = True, pg: bool = True, n_terms: int = 2, dtype=None, n_sets: int = 2,
-                    n_samples: int | None = None, verify: bool = True) -> int:
-    """The largest ``chunk_size`` (1 … ``n_instances``) whose estimated peak (:func:`estimate_memory`, weights
-    included, same keywords) fits ``budget_bytes``.
+                    n_samples: int | None = None, verify: bool = True, device=None) -> int:
+    """The largest ``chunk_size`` (1 … ``n_instances``) whose estimated resident peak (:func:`estimate_memory`'s
+    ``peak_resident``: weights and the allocator's overhead included, same keywords) fits ``budget_bytes``.
 
     ``model`` is a causal LM or its config; ``budget_bytes`` defaults to 80 % of the free memory of the
     model's device (:func:`default_budget`; for a config, of the GPU if there is one). Raises ``ValueError``,
     naming the budget and the least need, when not even one instance per pass fits.
     """
+    device_type = _device_type(model, device)
     if budget_bytes is None:
-        device = next(model.parameters()).device if isinstance(model, nn.Module) else None
-        budget_bytes = default_budget(None if device is None or device.type == "meta" else device)
+        where = next(model.parameters()).device if device is None and isinstance(model, nn.Module) else device
+        budget_bytes = default_budget(None if where is None or torch.device(where).type == "meta" else where)
     shapes = model_shapes(model, seq_len, dtype)
 
     def plan(chunk: int) -> dict:
         return _estimate(shapes, n_instances, per_token=per_token, pg=pg, n_terms=n_terms, chunk_size=chunk,
-                         n_sets=n_sets, n_samples=n_samples, verify=verify)
+                         n_sets=n_sets, n_samples=n_samples, verify=verify, device_type=device_type)
 
     least = plan(1)
-    if least["peak"] > budget_bytes:
+    if least["peak_resident"] > budget_bytes:
         raise ValueError(f"not even chunk_size=1 fits the memory budget of {_size(budget_bytes)}: the estimated "
-                         f"peak is {_size(least['peak'])} (weights {_size(least['weights'])}, at the stage "
+                         f"peak is {_size(least['peak_resident'])} (weights {_size(least['weights'])}, at the stage "
                          f"{least['peak_stage']!r}; seq_len={seq_len}, per_token={per_token}, pg={pg}, "
                          f"n_terms={n_terms}, verify={verify})")
     # a scan, not a bisection: a chunk just under a set's size also holds the set's accumulator, so the peak
     # is not monotone in the chunk; each estimate is a few multiplications
-    return next(c for c in range(max(1, n_instances), 0, -1) if plan(c)["peak"] <= budget_bytes)
+    return next(c for c in range(max(1, n_instances), 0, -1) if plan(c)["peak_resident"] <= budget_bytes)
