@@ -214,7 +214,13 @@ def _cmd_world(args: argparse.Namespace) -> int:
 def _cmd_zoo(args: argparse.Namespace) -> int:
     from . import zoo
 
+    if args.action is None:
+        raise ValueError("the zoo command needs an action: 'geffect-lab zoo list' shows the models and whether they "
+                         "are built, 'geffect-lab zoo build [NAMES]' trains them")
     if args.action == "list":
+        if args.names:
+            raise ValueError(f"zoo list takes no names (got {' '.join(args.names)}); "
+                             "'geffect-lab zoo build NAMES' builds some")
         for name, entry in zoo.ZOO.items():
             built = (zoo.entry_dir(name) / "config.json").exists()
             print(f"{name:18s} {'built' if built else 'not built':10s} {entry.description}")
@@ -353,12 +359,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("zoo", help="list or build the tiny offline models",
                        description="'list' shows the zoo; 'build' trains the models from their recipes "
                                    "(deterministic; about a minute and a half each on two CPU cores).")
-    p.add_argument("action", choices=["list", "build"])
+    p.add_argument("action", nargs="?", choices=["list", "build"], help="list the models, or build them")
     p.add_argument("names", nargs="*", help="zoo names to build (default: all)")
     p.add_argument("--force", action="store_true", help="rebuild models that already exist")
     p.add_argument("--epochs", type=_whole(1), default=None, help="override the recipe's epochs (quick checks)")
     p.add_argument("--out", default=None, help="folder to build into (default: data/zoo)")
     p.set_defaults(func=_cmd_zoo)
+    for command in sub.choices.values():  # the global options are also taken after the command
+        command.add_argument("--import", dest="imports", action="append", default=argparse.SUPPRESS,
+                             metavar="MODULE", help="import a module that registers objectives (repeatable; also "
+                                                    "before the command)")
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the traceback of an error instead of one line")
     return parser
 
 
