@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import math
 import sys
 from pathlib import Path
@@ -129,7 +128,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     import yaml
 
-    from .sweep import sweep
+    from .sweep import SweepRunError, sweep
 
     path = Path(args.spec)
     if not path.exists():
@@ -141,12 +140,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if not isinstance(spec, dict) or "grid" not in spec or set(spec) - {"grid", "base"}:
         raise ValueError(f"{path}: a sweep spec holds 'grid:' (settings -> values, or a list of configurations) "
                          "and optionally 'base:' (the settings every run shares), with gl.unlearn's keys")
-    ds = sweep(spec["grid"], base=spec.get("base"), out=args.output, client=args.scheduler, retries=args.retries)
-    index = json.loads((Path(args.output) / "sweep.json").read_text())["runs"].values()
-    failed = [r for r in index if r["status"] == "failed"]
-    print(f"{sum(r['status'] == 'done' for r in index)} run(s) done, {len(failed)} failed; in {args.output}"
-          + ("" if ds is None else f"; gl.load_sweep({str(args.output)!r}) gives them along 'run'"))
-    return 1 if failed else 0
+    try:
+        ds = sweep(spec["grid"], base=spec.get("base"), out=args.output, client=args.scheduler, retries=args.retries)
+    except SweepRunError as err:  # runs failed in the workers (the input was checked before): not exit code 2
+        print(f"geffect-lab: {err}", file=sys.stderr)
+        return 1
+    print(f"{ds.sizes['run']} run(s) done; in {args.output}; gl.load_sweep({str(args.output)!r}) gives them "
+          "along 'run'")
+    return 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
