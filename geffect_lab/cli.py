@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import math
 import sys
 from pathlib import Path
@@ -129,7 +128,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     import yaml
 
-    from .sweep import sweep
+    from .sweep import SweepRunError, sweep
 
     path = Path(args.spec)
     if not path.exists():
@@ -141,12 +140,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if not isinstance(spec, dict) or "grid" not in spec or set(spec) - {"grid", "base"}:
         raise ValueError(f"{path}: a sweep spec holds 'grid:' (settings -> values, or a list of configurations) "
                          "and optionally 'base:' (the settings every run shares), with gl.unlearn's keys")
-    ds = sweep(spec["grid"], base=spec.get("base"), out=args.output, client=args.scheduler, retries=args.retries)
-    index = json.loads((Path(args.output) / "sweep.json").read_text())["runs"].values()
-    failed = [r for r in index if r["status"] == "failed"]
-    print(f"{sum(r['status'] == 'done' for r in index)} run(s) done, {len(failed)} failed; in {args.output}"
-          + ("" if ds is None else f"; gl.load_sweep({str(args.output)!r}) gives them along 'run'"))
-    return 1 if failed else 0
+    try:
+        ds = sweep(spec["grid"], base=spec.get("base"), out=args.output, client=args.scheduler, retries=args.retries)
+    except SweepRunError as err:  # runs failed in the workers (the input was checked before): not exit code 2
+        print(f"geffect-lab: {err}", file=sys.stderr)
+        return 1
+    print(f"{ds.sizes['run']} run(s) done; in {args.output}; gl.load_sweep({str(args.output)!r}) gives them "
+          "along 'run'")
+    return 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -214,7 +215,13 @@ def _cmd_world(args: argparse.Namespace) -> int:
 def _cmd_zoo(args: argparse.Namespace) -> int:
     from . import zoo
 
+    if args.action is None:
+        raise ValueError("the zoo command needs an action: 'geffect-lab zoo list' shows the models and whether they "
+                         "are built, 'geffect-lab zoo build [NAMES]' trains them")
     if args.action == "list":
+        if args.names:
+            raise ValueError(f"zoo list takes no names (got {' '.join(args.names)}); "
+                             "'geffect-lab zoo build NAMES' builds some")
         for name, entry in zoo.ZOO.items():
             built = (zoo.entry_dir(name) / "config.json").exists()
             print(f"{name:18s} {'built' if built else 'not built':10s} {entry.description}")
@@ -357,12 +364,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("zoo", help="list or build the tiny offline models",
                        description="'list' shows the zoo; 'build' trains the models from their recipes "
                                    "(deterministic; about a minute and a half each on two CPU cores).")
-    p.add_argument("action", choices=["list", "build"])
+    p.add_argument("action", nargs="?", choices=["list", "build"], help="list the models, or build them")
     p.add_argument("names", nargs="*", help="zoo names to build (default: all)")
     p.add_argument("--force", action="store_true", help="rebuild models that already exist")
     p.add_argument("--epochs", type=_whole(1), default=None, help="override the recipe's epochs (quick checks)")
     p.add_argument("--out", default=None, help="folder to build into (default: data/zoo)")
     p.set_defaults(func=_cmd_zoo)
+    for command in sub.choices.values():  # the global options are also taken after the command
+        command.add_argument("--import", dest="imports", action="append", default=argparse.SUPPRESS,
+                             metavar="MODULE", help="import a module that registers objectives (repeatable; also "
+                                                    "before the command)")
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the traceback of an error instead of one line")
     return parser
 
 

@@ -304,6 +304,14 @@ class RunConfig:
         epochs = self.epochs if self.epochs is not None else DEFAULTS["epochs"]
         return max(1, math.ceil(epochs * n_forget / min(self.batch_size, n_forget)))
 
+    def checked_length(self, n_forget: int) -> int:
+        """:meth:`n_steps`, with ``attribute_at`` checked against it (the one check that needs the data)."""
+        n = self.n_steps(n_forget)
+        if any(int(t) < 0 or int(t) > n for t in self.attribute_at):
+            raise ValueError(f"attribute_at={list(self.attribute_at)} must name steps between 0 and {n} (the "
+                             "number of steps: after the last update)")
+        return n
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, default=str)
 
@@ -417,14 +425,11 @@ class _Run:
         self.updates = 0
 
     def _schedule(self, config: RunConfig, n_forget: int) -> None:
-        self.n_steps = config.n_steps(n_forget)
+        self.n_steps = config.checked_length(n_forget)
         self.record_set = {t for t in range(self.n_steps) if config.due(t)} if config.record else \
             set(range(0, self.n_steps, min(config.every(v) for v in RECORD_ALL)))
         self.eval_set = set(range(0, self.n_steps, config.eval_every)) if config.eval_every else set()
         self.attr_set = {int(t) for t in config.attribute_at}
-        if any(t < 0 or t > self.n_steps for t in self.attr_set):
-            raise ValueError(f"attribute_at must name steps between 0 and {self.n_steps} (the number of steps: "
-                             "after the last update)")
         self.measuring = bool(set(config.record) & set(RECORD_ALL))
 
     def _observers(self, tokenizer, template, retain_model, retain_reference) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -44,6 +45,15 @@ def test_zoo_list(capsys, tmp_path, monkeypatch):
     assert (tmp_path / "cache" / "zoo" / "target-2stage" / "config.json").exists()
     listing = _zoo_listing(capsys)
     assert listing["target-2stage"] == "built" and all(listing[n] == "not built" for n in study - {"target-2stage"})
+
+
+def test_zoo_without_an_action_says_which_actions_there_are(capsys):
+    assert main(["zoo"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("geffect-lab: error: the zoo command needs an action: 'geffect-lab zoo list'")
+    assert "'geffect-lab zoo build [NAMES]'" in err and "required" not in err and len(err.splitlines()) == 1
+    assert main(["zoo", "list", "target"]) == 2
+    assert "zoo list takes no names (got target)" in capsys.readouterr().err
 
 
 def test_demo_runs_ga_npo_wga_and_writes_results(tmp_path, capsys):
@@ -94,14 +104,27 @@ def scaled(x, scale: float = 2.0):
 '''
 
 
-def test_import_brings_user_objectives_to_the_cli(tmp_path, monkeypatch, capsys, scratch_objectives):
-    (tmp_path / "my_objectives.py").write_text(USER_MODULE)
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_import_brings_user_objectives_to_the_cli(where, tmp_path, monkeypatch, capsys, scratch_objectives):
+    """``--import MODULE`` before the command or after it (as the how-to writes it), for every command."""
+    module = f"my_objectives_{where}"  # a module imported once per process: one name per case
+    (tmp_path / f"{module}.py").write_text(USER_MODULE)
     monkeypatch.chdir(tmp_path)
-    assert main(["--import", "my_objectives", "objectives"]) == 0
+
+    def cli(*args):
+        imports = ["--import", module]
+        return main([*imports, *args] if where == "before" else [args[0], *imports, *args[1:]])
+
+    assert cli("objectives") == 0
     assert "cli_scaled_ga" in capsys.readouterr().out
-    assert main(["--import", "my_objectives", "run", "--objective", "cli_scaled_ga", "--param", "scale=3",
-                 "--steps", "1", "--record", "g_effect", "-o", "out.nc"]) == 0
-    assert gl.load(tmp_path / "out.nc").attrs["objective"] == "cli_scaled_ga"
+    assert cli("run", "--objective", "cli_scaled_ga", "--param", "scale=3", "--steps", "1", "--record", "g_effect",
+               "-o", "out.nc") == 0
+    ds = gl.load(tmp_path / "out.nc")
+    assert ds.attrs["objective"] == "cli_scaled_ga" and json.loads(ds.attrs["config"])["params"] == {
+        "cli_scaled_ga.scale": 3.0, "cli_scaled_ga.weight": 1.0}
+    assert ds.sizes["step"] == 2 and float(abs(ds.g_effect.isel(step=0)).sum()) > 0
+    assert cli("run", "--objective", "cli_scaled_ga", "--param", "beta=1", "--steps", "1") == 2  # still its own
+    assert "its parameters are: scale=2.0" in capsys.readouterr().err
 
 
 def test_help_texts_teach(capsys):
