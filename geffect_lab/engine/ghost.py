@@ -68,8 +68,25 @@ def _conv1d(module, grads, args, kwargs):        # GPT-2's Conv1D: y = x W + b  
     return y + grads["bias"] if "bias" in grads else y
 
 
-def _embedding(module, grads, args, kwargs):     # y = E[ids]  →  G_E[ids]
-    return F.embedding(_input(args, kwargs), grads["weight"], module.padding_idx)
+def _embedding(module, grads, args, kwargs):     # y = E[ids]  →  G_E[ids], 0 where ids = padding_idx
+    ids = _input(args, kwargs)
+    y = F.embedding(ids, grads["weight"])
+    if module.padding_idx is None:
+        return y
+    # torch's backward gives the padding row no gradient from a lookup (its forward-mode rule does, unmasked):
+    # a token equal to padding_idx contributes nothing, as in the plain backward that defines the G-effect
+    return y.masked_fill((ids == module.padding_idx).unsqueeze(-1), 0)
+
+
+def _padding_row_dropped(module: nn.Module, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The direction an ``nn.Embedding`` subclass's jvp must follow: its padding row zeroed. The lookup's
+    backward never gives that row a gradient, but forward mode evaluates ``G[ids]`` unmasked, so without this a
+    token equal to ``padding_idx`` with a gradient on its output (OPT's pad id 1 is the bundled tokenizer's BOS;
+    its tied ``lm_head`` makes the row's direction non-zero) would carry a share the backward does not have."""
+    if not isinstance(module, nn.Embedding) or module.padding_idx is None or "weight" not in grads:
+        return grads
+    row = torch.tensor([module.padding_idx], device=grads["weight"].device)
+    return {**grads, "weight": grads["weight"].index_fill(0, row, 0)}
 
 
 def _always(module) -> bool:
@@ -268,7 +285,7 @@ class GhostPass:
             elif (tangent := self._linear_norm_tangent(module, grads, args, kwargs)) is not None:
                 out[g] = tangent
             else:
-                out[g] = self._local_jvp(module, params, grads, args, kwargs)
+                out[g] = self._local_jvp(module, params, _padding_row_dropped(module, grads), args, kwargs)
         return out
 
     def _evaluate_with(self, module, values, args, kwargs):
