@@ -8,7 +8,8 @@ row-i gradient's inner product with ``G`` restricted to θ_m is
 
 (rows are independent, so the summed loss's output-gradient is each row's own). The factor on the right is
 the module *evaluated along the direction*: for a Linear ``G_W x + G_b``, for an Embedding a gather of
-``G_E``, for GPT-2's Conv1D ``x G_W + G_b``; any other module with parameters (norms, custom layers) gets a
+``G_E``, for GPT-2's Conv1D ``x G_W + G_b``, for fused MoE experts a sum of such terms over the experts each
+token is routed to (:mod:`.experts`); any other module with parameters (norms, custom layers) gets a
 local forward-mode jvp with respect to its own parameters only.
 
 :class:`GhostPass` runs one forward with hooks that compute these local tangents, and one backward that
@@ -34,6 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .._batching import eval_mode, trainable_parameters
+from .experts import forward_mode_experts, fused_experts_applies, fused_experts_tangent, is_fused_experts
 from .groups import LayerGroups
 
 __all__ = ["GhostPass", "GhostResult", "engine_mode", "accumulation_dtype", "FAST_TANGENTS", "FastTangent",
@@ -104,6 +106,18 @@ try:  # transformers' Conv1D (GPT-2 family), by its exact type
     FAST_TANGENTS[_HFConv1D] = FastTangent(frozenset({"weight", "bias"}), _conv1d, _always)
 except ImportError:  # pragma: no cover - transformers is a dependency
     pass
+
+_FUSED_EXPERTS = FastTangent(frozenset({"gate_up_proj", "down_proj"}), fused_experts_tangent, fused_experts_applies)
+
+
+def _fast_tangent(kind: type) -> FastTangent | None:
+    """The closed formula for this exact module type, if any: a registered type, or a fused experts class whose
+    forward is the one the experts formula is written for (transformers has dozens, found on first sight)."""
+    fast = FAST_TANGENTS.get(kind)
+    if fast is None and is_fused_experts(kind):
+        fast = FAST_TANGENTS[kind] = _FUSED_EXPERTS
+    return fast
+
 
 # norm layers: exact types whose output is linear in their parameters; other classes named like a norm are
 # admitted after the checks of GhostPass._linear_norm_tangent
@@ -279,7 +293,7 @@ class GhostPass:
             if any("." in n for n in grads):  # adopted from a child: the module's forward, by forward mode
                 out[g] = self._local_jvp(module, params, grads, args, kwargs)
                 continue
-            fast = FAST_TANGENTS.get(type(module))
+            fast = _fast_tangent(type(module))
             if fast is not None and set(grads) <= fast.names and fast.applies(module):
                 out[g] = fast.tangent(module, grads, args, kwargs)
             elif (tangent := self._linear_norm_tangent(module, grads, args, kwargs)) is not None:
@@ -458,8 +472,9 @@ class GhostPass:
         with ExitStack() as stack:
             stack.enter_context(engine_mode(self.model, keep_grad=param_grads))
             stack.enter_context(torch.enable_grad())
-            if self.propagate:  # only the math SDPA backend has forward-mode derivatives
+            if self.propagate:  # only the math SDPA backend and the eager experts have forward-mode derivatives
                 stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+                stack.enter_context(forward_mode_experts(self.model))
             with fwAD.dual_level():
                 handles = [m.register_forward_hook(self._hook(own), with_kwargs=True) for m, own in self._owners]
                 handles.append(self.model.register_forward_pre_hook(self._note_tokens, with_kwargs=True))
