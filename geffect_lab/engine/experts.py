@@ -97,6 +97,9 @@ def fused_experts_tangent(module, grads, args, kwargs):
     with δ_t, G_D's part is ``⟨Σ_t w δ_t hᵀ, G_D,e⟩``: the expert's weight gradient, a sum over its tokens. One loop
     over the experts hit, in the model's dtype (float64 included)."""
     x, index, weights = _routing(args, kwargs)
+    # a frozen one (an adapter elsewhere, or only the down projections trained) is not in the direction: zero
+    up_dir = grads["gate_up_proj"] if "gate_up_proj" in grads else torch.zeros_like(module.gate_up_proj)
+    down_dir = grads["down_proj"] if "down_proj" in grads else torch.zeros_like(module.down_proj)
     out = torch.zeros_like(x)
     for e in index.unique().tolist():
         if e >= module.num_experts:  # an expert-parallel sentinel: no expert here
@@ -104,24 +107,27 @@ def fused_experts_tangent(module, grads, args, kwargs):
         token, k = torch.where(index == e)
         xe = x[token]
         g, u = F.linear(xe, module.gate_up_proj[e]).chunk(2, dim=-1)
-        dg, du = F.linear(xe, grads["gate_up_proj"][e]).chunk(2, dim=-1)
+        dg, du = F.linear(xe, up_dir[e]).chunk(2, dim=-1)
         a, da = _activation_jvp(module.act_fn, g, dg)
-        tangent = F.linear(a * u, grads["down_proj"][e]) + F.linear(da * u + a * du, module.down_proj[e])
+        tangent = F.linear(a * u, down_dir[e]) + F.linear(da * u + a * du, module.down_proj[e])
         out.index_add_(0, token, (tangent * weights[token, k, None]).to(out.dtype))
     return out
 
 
 def _experts_configs(model: nn.Module) -> dict[int, object]:
-    """The configs the model's fused experts modules read their implementation from, once each."""
+    """The configs that the model's experts with the closed formula read their implementation from, once each."""
     return {id(m.config): m.config for m in model.modules()
-            if is_fused_experts(type(m)) and hasattr(getattr(m, "config", None), "_experts_implementation")}
+            if is_fused_experts(type(m)) and fused_experts_applies(m)
+            and hasattr(getattr(m, "config", None), "_experts_implementation")}
 
 
 @contextmanager
 def forward_mode_experts(model: nn.Module):
-    """Within the block, fused experts run transformers' eager loop where their implementation has no forward-mode
-    derivative (per-token tangents carry one through the whole model); the implementation is restored on exit.
-    The eager loop is the class's own forward: the same function, only summed in another order."""
+    """Within the block, experts with the closed formula run their class's eager loop where their implementation
+    has no forward-mode derivative (per-token tangents carry one through the whole model), restored on exit. For
+    them the eager loop and the grouped or batched matmuls are the same function, summed in another order; not so
+    for every class (one with its own ``_apply_gate`` keeps Mixtral's inline gate in its eager loop), so no other
+    class is switched: without forward mode it is refused by name."""
     switched = [(c, c._experts_implementation) for c in _experts_configs(model).values()
                 if c._experts_implementation not in _DIFFERENTIABLE]
     for config, _ in switched:

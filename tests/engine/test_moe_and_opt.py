@@ -101,12 +101,14 @@ def test_float64_experts_on_the_grouped_matmul_are_refused_with_the_fix(tokenize
         gl.g_effect(model, tokenizer, "ga", forget=few["forget"], targets=few["targets"])
 
 
-def test_experts_without_the_formula_are_still_refused_by_name(tokenizer, few):
-    """A fused experts class with another gate has no closed formula; on the grouped matmul forward mode cannot
-    evaluate it either: refused, named."""
-    from transformers.models.mixtral import modeling_mixtral
+@pytest.mark.parametrize("per_token", [True, False])
+def test_experts_without_the_formula_are_still_refused_by_name(per_token, tokenizer, few):
+    """A fused experts class with its own gate has no closed formula, and it is not switched to its eager loop
+    either: that loop keeps Mixtral's inline gate, a different function (the built-in check showed it, -15.17 vs
+    -15.09). On the grouped matmul forward mode cannot evaluate it: refused, named."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
-    class DoubledGateExperts(modeling_mixtral.MixtralExperts):
+    class DoubledGateExperts(MixtralExperts):
         def _apply_gate(self, gate_up):
             gate, up = gate_up.chunk(2, dim=-1)
             return 2 * self.act_fn(gate) * up
@@ -117,8 +119,8 @@ def test_experts_without_the_formula_are_still_refused_by_name(tokenizer, few):
         layer.mlp.experts = DoubledGateExperts(model.config)
         layer.mlp.experts.load_state_dict(old.state_dict())
     assert not is_fused_experts(DoubledGateExperts)
-    with pytest.raises(UnsupportedModuleError, match=r"DoubledGateExperts"):
-        gl.g_effect(model, tokenizer, "ga", forget=few["forget"], targets=few["targets"], per_token=False)
+    with pytest.raises(UnsupportedModuleError, match=r"'model.layers.0.mlp.experts' \(.*DoubledGateExperts\)"):
+        gl.g_effect(model, tokenizer, "ga", forget=few["forget"], targets=few["targets"], per_token=per_token)
 
 
 def _padded_at_bos(family: str, vocab: int, dtype: torch.dtype):
