@@ -50,7 +50,7 @@ def is_fused_experts(kind: type) -> bool:
     character for character, and its gate is the default ``act(gate) * up`` (GPT-OSS clamps, so it is not);
     a subclass is not (it may change what the forward reads).
     Source identity is the proof: the same code on the same attributes is the same function; 57 classes of
-    transformers 5.24 pass (Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, PhiMoE, GraniteMoE, Jamba, …)."""
+    transformers 5.25 pass (Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, PhiMoE, GraniteMoE, Jamba, …)."""
     try:
         from transformers.integrations.moe import _default_apply_gate
     except ImportError:  # pragma: no cover
@@ -114,11 +114,21 @@ def fused_experts_tangent(module, grads, args, kwargs):
     return out
 
 
-def _experts_configs(model: nn.Module) -> dict[int, object]:
-    """The configs that the model's experts with the closed formula read their implementation from, once each."""
-    return {id(m.config): m.config for m in model.modules()
-            if is_fused_experts(type(m)) and fused_experts_applies(m)
-            and hasattr(getattr(m, "config", None), "_experts_implementation")}
+def _switchable(module: nn.Module) -> bool:
+    """A module of a ``@use_experts_implementation`` class: it runs whatever implementation its config names."""
+    return hasattr(module, "has_gate") and hasattr(getattr(module, "config", None), "_experts_implementation")
+
+
+def _experts_configs(model: nn.Module) -> list:
+    """The configs the model's experts read their implementation from, each once, where every module reading it
+    has the closed formula (a config shared with an experts class without it is never switched)."""
+    verdict: dict[int, tuple[object, bool]] = {}
+    for m in model.modules():
+        if _switchable(m):
+            ok = is_fused_experts(type(m)) and fused_experts_applies(m)
+            config, before = verdict.get(id(m.config), (m.config, True))
+            verdict[id(m.config)] = (config, before and ok)
+    return [config for config, ok in verdict.values() if ok]
 
 
 @contextmanager
@@ -128,7 +138,7 @@ def forward_mode_experts(model: nn.Module):
     them the eager loop and the grouped or batched matmuls are the same function, summed in another order; not so
     for every class (one with its own ``_apply_gate`` keeps Mixtral's inline gate in its eager loop), so no other
     class is switched: without forward mode it is refused by name."""
-    switched = [(c, c._experts_implementation) for c in _experts_configs(model).values()
+    switched = [(c, c._experts_implementation) for c in _experts_configs(model)
                 if c._experts_implementation not in _DIFFERENTIABLE]
     for config, _ in switched:
         config._experts_implementation_internal = "eager"  # what the modules read, not the sub-configs too
@@ -143,12 +153,13 @@ def check_experts_dtype(model: nn.Module) -> None:
     """Refuse by name a float64 model whose experts run torch's grouped matmul, which has no float64 kernel (the
     forward would fail deep inside torch), with the fix."""
     for name, module in model.named_modules():
-        config = getattr(module, "config", None)
-        implementation = getattr(config, "_experts_implementation", None)
+        if not _switchable(module):
+            continue
+        implementation = module.config._experts_implementation
         weight = getattr(module, "gate_up_proj", getattr(module, "up_proj", None))
-        if (hasattr(module, "has_gate") and isinstance(weight, torch.Tensor) and weight.dtype == torch.float64
-                and implementation not in _DIFFERENTIABLE):
+        if isinstance(weight, torch.Tensor) and weight.dtype == torch.float64 and implementation not in _DIFFERENTIABLE:
             raise ValueError(
                 f"module {name!r} ({type(module).__qualname__}) runs its experts with experts_implementation="
                 f"{implementation!r}, which has no float64 kernel: load the model with experts_implementation="
-                "'eager' or call model.set_experts_implementation('eager') (the same experts, a loop over them)")
+                "'eager' or call model.set_experts_implementation('eager') (transformers' loop over the experts, which "
+                "runs in float64)")

@@ -112,7 +112,8 @@ def test_float64_experts_on_the_grouped_matmul_are_refused_with_the_fix(tokenize
 def test_experts_without_the_formula_are_still_refused_by_name(per_token, tokenizer, few):
     """A fused experts class with its own gate has no closed formula, and it is not switched to its eager loop
     either: that loop keeps Mixtral's inline gate, a different function (the built-in check showed it, -15.17 vs
-    -15.09). On the grouped matmul forward mode cannot evaluate it: refused, named."""
+    -15.09). On the grouped matmul forward mode cannot evaluate it: refused, named, and the implementation that
+    the experts read is left as it was."""
     from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
     class DoubledGateExperts(MixtralExperts):
@@ -121,13 +122,16 @@ def test_experts_without_the_formula_are_still_refused_by_name(per_token, tokeni
             return 2 * self.act_fn(gate) * up
 
     model = _moe("mixtral", len(tokenizer), torch.float32)
-    for layer in model.model.layers:
-        old = layer.mlp.experts
-        layer.mlp.experts = DoubledGateExperts(model.config)
-        layer.mlp.experts.load_state_dict(old.state_dict())
+    # in the first block only: the second's MixtralExperts, reading the same config, is not switched either
+    old = model.model.layers[0].mlp.experts
+    model.model.layers[0].mlp.experts = DoubledGateExperts(model.config)
+    model.model.layers[0].mlp.experts.load_state_dict(old.state_dict())
     assert not is_fused_experts(DoubledGateExperts)
     with pytest.raises(UnsupportedModuleError, match=r"'model.layers.0.mlp.experts' \(.*DoubledGateExperts\)"):
-        gl.g_effect(model, tokenizer, "ga", forget=few["forget"], targets=few["targets"], per_token=per_token)
+        # pg=False: no pass other than the tangent one may be what refuses
+        gl.g_effect(model, tokenizer, "ga", forget=few["forget"], targets=few["targets"], per_token=per_token,
+                    pg=False)
+    assert model.config._experts_implementation == "grouped_mm"
 
 
 def _padded_at_bos(family: str, vocab: int, dtype: torch.dtype):
