@@ -13,9 +13,9 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-__all__ = ["tiny_model", "relative_error", "float64_exact_norms", "reorder_tolerance", "assert_effects_close",
-           "tiny_causal_lm", "NotInstantiable", "computes_below_float64", "check_against_oracle",
-           "architecture_outcome"]
+__all__ = ["tiny_model", "relative_error", "float64_exact_norms", "float64_throughout", "reorder_tolerance",
+           "assert_effects_close", "tiny_causal_lm", "NotInstantiable", "computes_below_float64",
+           "check_against_oracle", "architecture_outcome"]
 
 
 def tiny_model(arch: str = "llama", vocab_size: int = 1024, *, hidden: int = 32, layers: int = 2, seed: int = 0,
@@ -114,6 +114,32 @@ def float64_exact_norms():
         yield
     finally:
         cls.forward = original
+
+
+@contextmanager
+def float64_throughout():
+    """Inside this context a float64 tensor is never cast down to float32: ``.float()``, ``.to(torch.float32)``
+    and ``dtype=torch.float32`` arguments (HF's norms, eager softmaxes and MoE routers "for stability") keep it
+    in float64, in any architecture. Two exact paths through such a model then agree to ~1e-15 instead of ~1e-8.
+    A test device only: it intercepts every torch call."""
+    from torch.overrides import TorchFunctionMode
+
+    def up(value):
+        return torch.float64 if value is torch.float32 else value
+
+    class KeepFloat64(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            first = args[0] if args else None
+            if isinstance(first, torch.Tensor) and first.dtype == torch.float64:
+                if func is torch.Tensor.float:
+                    return first
+                args = (first, *map(up, args[1:])) if func is torch.Tensor.to else args
+                kwargs = {k: up(v) if k == "dtype" else v for k, v in kwargs.items()}
+            return func(*args, **kwargs)
+
+    with KeepFloat64():
+        yield
 
 
 # ---------------------------------------------------------------------------------------------------------------

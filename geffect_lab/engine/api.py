@@ -17,6 +17,7 @@ from ..data import World, check_records, encode, example_field, example_id
 from ..objectives import ObjectiveError, resolve_objective
 from ..results import Axes, effects_dataset
 from .core import Effects, ObjectiveGradient, fast_effects, reference_effects, target_risks, term_gradients
+from .experts import check_experts_dtype
 from .forward import (
     Samples,
     check_fits,
@@ -176,6 +177,7 @@ class Measurement:
                  template=None, verify: str = "first"):
         self.verify = check_verify(verify)
         check_model(model)
+        check_experts_dtype(model)
         check_tokenizer_type(tokenizer)
         self._verified = False
         obj = resolve_objective(objective, params)

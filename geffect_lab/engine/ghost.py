@@ -8,7 +8,8 @@ row-i gradient's inner product with ``G`` restricted to θ_m is
 
 (rows are independent, so the summed loss's output-gradient is each row's own). The factor on the right is
 the module *evaluated along the direction*: for a Linear ``G_W x + G_b``, for an Embedding a gather of
-``G_E``, for GPT-2's Conv1D ``x G_W + G_b``; any other module with parameters (norms, custom layers) gets a
+``G_E``, for GPT-2's Conv1D ``x G_W + G_b``, for fused MoE experts a sum of such terms over the experts each
+token is routed to (:mod:`.experts`); any other module with parameters (norms, custom layers) gets a
 local forward-mode jvp with respect to its own parameters only.
 
 :class:`GhostPass` runs one forward with hooks that compute these local tangents, and one backward that
@@ -34,6 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .._batching import eval_mode, trainable_parameters
+from .experts import forward_mode_experts, fused_experts_applies, fused_experts_tangent, is_fused_experts
 from .groups import LayerGroups
 
 __all__ = ["GhostPass", "GhostResult", "engine_mode", "accumulation_dtype", "FAST_TANGENTS", "FastTangent",
@@ -68,8 +70,25 @@ def _conv1d(module, grads, args, kwargs):        # GPT-2's Conv1D: y = x W + b  
     return y + grads["bias"] if "bias" in grads else y
 
 
-def _embedding(module, grads, args, kwargs):     # y = E[ids]  →  G_E[ids]
-    return F.embedding(_input(args, kwargs), grads["weight"], module.padding_idx)
+def _embedding(module, grads, args, kwargs):     # y = E[ids]  →  G_E[ids], 0 where ids = padding_idx
+    ids = _input(args, kwargs)
+    y = F.embedding(ids, grads["weight"])
+    if module.padding_idx is None:
+        return y
+    # torch's backward gives the padding row no gradient from a lookup (its forward-mode rule does, unmasked):
+    # a token equal to padding_idx contributes nothing, as in the plain backward that defines the G-effect
+    return y.masked_fill((ids == module.padding_idx).unsqueeze(-1), 0)
+
+
+def _padding_row_dropped(module: nn.Module, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The direction an ``nn.Embedding`` subclass's jvp must follow: its padding row zeroed. The lookup's
+    backward never gives that row a gradient, but forward mode evaluates ``G[ids]`` unmasked, so without this a
+    token equal to ``padding_idx`` with a gradient on its output (OPT's pad id 1 is the bundled tokenizer's BOS;
+    its tied ``lm_head`` makes the row's direction non-zero) would carry a share the backward does not have."""
+    if not isinstance(module, nn.Embedding) or module.padding_idx is None or "weight" not in grads:
+        return grads
+    row = torch.tensor([module.padding_idx], device=grads["weight"].device)
+    return {**grads, "weight": grads["weight"].index_fill(0, row, 0)}
 
 
 def _always(module) -> bool:
@@ -94,6 +113,18 @@ try:  # transformers' Conv1D (GPT-2 family), by its exact type
     FAST_TANGENTS[_HFConv1D] = FastTangent(frozenset({"weight", "bias"}), _conv1d, _always)
 except ImportError:  # pragma: no cover - transformers is a dependency
     pass
+
+_FUSED_EXPERTS = FastTangent(frozenset({"gate_up_proj", "down_proj"}), fused_experts_tangent, fused_experts_applies)
+
+
+def _fast_tangent(kind: type) -> FastTangent | None:
+    """The closed formula for this exact module type, if any: a registered type, or a fused experts class whose
+    forward is the one the experts formula is written for (transformers has dozens, found on first sight)."""
+    fast = FAST_TANGENTS.get(kind)
+    if fast is None and is_fused_experts(kind):
+        fast = FAST_TANGENTS[kind] = _FUSED_EXPERTS
+    return fast
+
 
 # norm layers: exact types whose output is linear in their parameters; other classes named like a norm are
 # admitted after the checks of GhostPass._linear_norm_tangent
@@ -269,13 +300,13 @@ class GhostPass:
             if any("." in n for n in grads):  # adopted from a child: the module's forward, by forward mode
                 out[g] = self._local_jvp(module, params, grads, args, kwargs)
                 continue
-            fast = FAST_TANGENTS.get(type(module))
+            fast = _fast_tangent(type(module))
             if fast is not None and set(grads) <= fast.names and fast.applies(module):
                 out[g] = fast.tangent(module, grads, args, kwargs)
             elif (tangent := self._linear_norm_tangent(module, grads, args, kwargs)) is not None:
                 out[g] = tangent
             else:
-                out[g] = self._local_jvp(module, params, grads, args, kwargs)
+                out[g] = self._local_jvp(module, params, _padding_row_dropped(module, grads), args, kwargs)
         return out
 
     def _evaluate_with(self, module, values, args, kwargs):
@@ -445,8 +476,9 @@ class GhostPass:
         with ExitStack() as stack:
             stack.enter_context(engine_mode(self.model, keep_grad=param_grads))
             stack.enter_context(torch.enable_grad())
-            if self.propagate:  # only the math SDPA backend has forward-mode derivatives
+            if self.propagate:  # only the math SDPA backend and the eager experts have forward-mode derivatives
                 stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+                stack.enter_context(forward_mode_experts(self.model))
             with fwAD.dual_level():
                 handles = [m.register_forward_hook(self._hook(own), with_kwargs=True) for m, own in self._owners]
                 handles.append(self.model.register_forward_pre_hook(self._note_tokens, with_kwargs=True))
