@@ -209,5 +209,5 @@ def test_norm_shortcut_and_the_jvp_fallback_are_both_exact(tokenizer, tiny_sets)
     ghost = GhostPass(model, gl.layer_groups(model), [direction])
     batch = gl.encode(tokenizer, tiny_sets["forget"])
     ghost.run(lambda: (model(input_ids=batch["input_ids"]).logits.sum((1, 2)), ()), len(tiny_sets["forget"]))
-    kinds = {type(m).__name__: ghost._linear_norm[id(m)] for m in model.modules() if id(m) in ghost._linear_norm}
+    kinds = {type(m).__name__: ghost._linear_norm[m] for m in model.modules() if m in ghost._linear_norm}
     assert kinds == {"LlamaRMSNorm": True, "OffsetRMSNorm": False, "Gate": False}
