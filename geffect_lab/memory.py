@@ -33,13 +33,13 @@ HEAD = {True: 4.0, False: 2.0}          # float32 copies of the [L, vocab] log-p
 # What the process really takes above the live tensors, per byte of one target pass's activations: an allocator
 # keeps the freed blocks of the largest pass (glibc's heap below its dynamic mmap threshold, PyTorch's CUDA caching
 # allocator its reserved segments) and reuses only part of them in the stages after it. The CPU's factor is
-# measured in fresh processes with glibc's default settings (benchmarks/memory_measured.py: the estimate with it
-# is 0.94-1.05x the peak resident memory over 8 processes, 0.9 M to 123 M parameters, without it 0.61-0.92x);
-# CUDA's is not measured on this project's machines (no GPU) and assumed from the caching allocator's usual
-# fragmentation: benchmarks/gpu_check.py prints the reserved peak beside the estimate where a GPU is lent.
+# fitted to fresh processes with glibc's default settings, 0.9 M to 123 M parameters (benchmarks/memory_measured.py;
+# the ratios are in benchmarks/memory_estimates.md, and tests/test_memory.py holds them to +-25 %). CUDA's is not
+# measured on this project's machines (no GPU) and assumed from the caching allocator's usual fragmentation:
+# benchmarks/gpu_check.py prints the reserved peak beside the estimate where a GPU is lent.
 ALLOCATOR_SLACK = {"cpu": 0.7, "cuda": 0.2}
 # chunk_size="auto" plans with this fraction of the free memory: the margin covers the largest under-estimate
-# measured on the CPU (6 %) with room for what else the process and the machine allocate meanwhile
+# measured on the CPU (benchmarks/memory_estimates.md) with room for what else the machine allocates meanwhile
 BUDGET_FRACTION = 0.8
 
 
