@@ -56,6 +56,7 @@ class ModelShapes:
     attention_row: int      # SDPA's attention probabilities, all layers and heads, [L, L] (0 if among the outputs)
     head_row: int           # float32 log-probabilities over the vocabulary, [L, vocab]
     seq_len: int
+    itemsize: int = 4       # bytes per parameter (2: half precision, where the built-in check runs over every target)
 
 
 # ------------------------------------------------------------------------------------------ the shapes
@@ -177,7 +178,7 @@ def model_shapes(model_or_config, seq_len: int, dtype: torch.dtype | None = None
     return ModelShapes(weights=sum(p.numel() for p in params) * itemsize, gradient=trainable * itemsize,
                        gradient_acc=trainable * (8 if dtype == torch.float64 else 4),
                        body_row=body, owners_row=owners, attention_row=attention,
-                       head_row=seq_len * vocab * 4, seq_len=seq_len)
+                       head_row=seq_len * vocab * 4, seq_len=seq_len, itemsize=itemsize)
 
 
 # ------------------------------------------------------------------------------------------ the estimate
@@ -206,7 +207,8 @@ def _stages(shapes: ModelShapes, n_instances: int, *, per_token: bool, pg: bool,
     if pg:
         stages["PG-effect"] = terms + kept + n_samples * _pass_row(shapes, False, n_sets)
     if verify:  # one plain backward over a few targets, summed into a float32 (at least) gradient
-        check_rows = min(chunk_size or n_instances, n_instances, CHECK_ROWS)
+        checked = n_instances if shapes.itemsize == 2 else min(n_instances, CHECK_ROWS)  # core.check_rows
+        check_rows = min(chunk_size or checked, checked)
         stages["verify"] = terms + kept + shapes.gradient_acc + g + check_rows * _pass_row(shapes, False, 0)
     return stages, rows
 
@@ -271,8 +273,8 @@ def estimate_memory(model_or_config, n_instances: int, seq_len: int, dtype=None,
        previous pass's gradient are held (up to ``(n_sets + 1) × G``).
     3. *PG-effect* (``pg``): two passes over the forget samples (their losses for ``sample_effect``, their answer
        log-likelihoods for ``pg_effect``), one after the other, against the ``n_sets`` risk gradients.
-    4. *Verify*: one plain forward and backward over a few targets (``CHECK_ROWS``), its gradient (``G``)
-       summed into a float32 one (float64 for a float64 model).
+    4. *Verify*: one plain forward and backward over a few targets (``CHECK_ROWS``; every target, in chunks,
+       in half precision), its gradient (``G``) summed into a float32 one (float64 for a float64 model).
 
     A pass's activations per row come from a meta forward of ``[1, seq_len]``, and scale with its rows:
 

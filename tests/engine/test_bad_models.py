@@ -144,6 +144,7 @@ def test_the_check_runs_over_the_shortest_the_longest_and_two_drawn_rows():
     rows = check_rows(lengths)
     assert len(rows) == CHECK_ROWS == 4 and {1, 4} <= set(rows.tolist())  # lengths 3 and 12
     assert np.array_equal(rows, check_rows(lengths)) and np.array_equal(check_rows(lengths[:3]), [0, 1, 2])
+    assert np.array_equal(check_rows(lengths, dtype=torch.bfloat16), np.arange(10))  # half precision: all rows
 
 
 def _refused(model, tokenizer, many, layer: str):
