@@ -31,7 +31,7 @@ from ._batching import check_device, check_dtype, check_tokenizer_type
 from .data import spread
 from .engine.api import Measurement, check_chunk_size
 from .results import StepTable
-from .schedule import CONVENTION, read_rates
+from .schedule import CONVENTION, Rates, read_rates
 
 __all__ = ["replay", "find_checkpoints", "Checkpoint", "ReplayError", "read_open_unlearning_run",
            "OpenUnlearningRun"]
@@ -81,6 +81,12 @@ def _step_of(path: Path) -> int:
 def find_checkpoints(source) -> list[Checkpoint]:
     """The checkpoints of ``source`` in step order: a run folder (its ``checkpoint-*`` folders), one checkpoint
     folder, or a list of checkpoint folders."""
+    return _checkpoints_and_rates(source)[0]
+
+
+def _checkpoints_and_rates(source) -> tuple[list[Checkpoint], Rates]:
+    """:func:`find_checkpoints`, and the run's learning rates with where they were read (one reading of the
+    schedule and the log, for the checkpoints and the Dataset's attributes)."""
     if isinstance(source, (str, os.PathLike)):
         root = Path(source)
         if not root.is_dir():
@@ -104,7 +110,7 @@ def find_checkpoints(source) -> list[Checkpoint]:
         same = [str(p) for p, s in zip(paths, steps) if s == dup[0]]
         raise ReplayError(f"two checkpoints have the same step {dup[0]}: {', '.join(same)}")
     rates = read_rates(paths)
-    return sorted((Checkpoint(s, p, rates.at(s)) for s, p in zip(steps, paths)), key=lambda c: c.step)
+    return sorted((Checkpoint(s, p, rates.at(s)) for s, p in zip(steps, paths)), key=lambda c: c.step), rates
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -231,7 +237,7 @@ def replay(source, tokenizer=None, objective=None, params: Mapping[str, Any] | N
         raise ReplayError("reference='first' is gone: the first checkpoint is a model after one update, not the "
                           "run's starting model. Pass the starting model (a model, its folder or a zoo name), or "
                           "leave reference=None to take checkpoint-0 or the adapters' base model")
-    checkpoints = find_checkpoints(source)
+    checkpoints, rates = _checkpoints_and_rates(source)
     ou = read_open_unlearning_run(source) if isinstance(source, (str, os.PathLike)) else None
     if base_model is None and ou is not None and ou.model_path and Path(ou.model_path).is_dir():
         base_model = ou.model_path
@@ -265,9 +271,9 @@ def replay(source, tokenizer=None, objective=None, params: Mapping[str, Any] | N
                            progress=progress)
     except Exception as err:  # noqa: BLE001 - keep what was measured, then raise
         failure = err if isinstance(err, ReplayError) else ReplayError(f"replay failed: {type(err).__name__}: {err}")
-        failure.partial = _dataset(m, checkpoints, measured, source) if measured else None
+        failure.partial = _dataset(m, checkpoints, measured, source, rates) if measured else None
         raise failure from (None if failure is err else err)
-    return _dataset(m, checkpoints, measured, source)
+    return _dataset(m, checkpoints, measured, source, rates)
 
 
 def _run_data(ou: OpenUnlearningRun | None, source, world):
@@ -313,10 +319,6 @@ def _load_tokenizer(source):
     return AutoTokenizer.from_pretrained(folder)
 
 
-def _reads_a_reference(m: Measurement) -> bool:
-    return any(n.startswith("ref_") for t in m.objective.terms for n in t.spec.needs)
-
-
 def _starting_model(m: Measurement, reference, checkpoints: list[Checkpoint], loader: _Loader,
                     ou: OpenUnlearningRun | None, source, first):
     """The frozen reference of NPO-like terms: the run's starting model, never guessed.
@@ -324,7 +326,7 @@ def _starting_model(m: Measurement, reference, checkpoints: list[Checkpoint], lo
     Given (a model, a folder, a zoo name); else ``checkpoint-0``; else the base model of adapter checkpoints (an
     adapter trains on a frozen base, which is the starting model of the reference); else an open-unlearning run's
     ``pretrained_model_name_or_path``. An objective that reads no reference needs none. Otherwise: refused."""
-    needed = _reads_a_reference(m)
+    needed = m.objective.reference_needs
     if reference is not None:
         if not isinstance(reference, (str, os.PathLike)):
             return reference, "given"
@@ -337,7 +339,7 @@ def _starting_model(m: Measurement, reference, checkpoints: list[Checkpoint], lo
         return loader.base_model_of(checkpoints[0]), "the adapters' base model (an adapter run's starting model)"
     if ou is not None and ou.model_path and Path(ou.model_path).is_dir():
         return _load_reference(ou.model_path, loader), f"the run's pretrained model ({ou.model_path})"
-    names = ", ".join(sorted({n for t in m.objective.terms for n in t.spec.needs if n.startswith("ref_")}))
+    names = ", ".join(sorted(needed))
     raise ReplayError(
         f"{source}: the objective {m.objective.name!r} reads a frozen reference model ({names}), which must be the "
         f"run's starting model, and the folder has none: its first checkpoint is {checkpoints[0].path.name} (an HF "
@@ -391,7 +393,8 @@ def _measure_backwards(m: Measurement, loader: _Loader, checkpoints: list[Checkp
         bar.close()
 
 
-def _dataset(m: Measurement, checkpoints: list[Checkpoint], measured: dict[int, xr.Dataset], source) -> xr.Dataset:
+def _dataset(m: Measurement, checkpoints: list[Checkpoint], measured: dict[int, xr.Dataset], source,
+             rates: Rates) -> xr.Dataset:
     table = StepTable(m.axes, m.token_count)
     steps = [c.step for c in checkpoints if c.step in measured]
     for i, step in enumerate(steps):
@@ -407,7 +410,7 @@ def _dataset(m: Measurement, checkpoints: list[Checkpoint], measured: dict[int, 
     attrs = {**measured[steps[0]].attrs, "replayed_from": origin, "checkpoints": len(checkpoints),
              "recorded_by": "replay", "complete": int(complete), "stop_reason": "" if complete else "interrupted",
              "learning_rate_convention": CONVENTION,
-             "learning_rate_source": read_rates([c.path for c in checkpoints]).source,
+             "learning_rate_source": rates.source,
              "interval_convention": "interval_effect and interval_risk_change at step a: from checkpoint a to the "
                                     "next checkpoint b, <grad R_i(theta_a), theta_a - theta_b> and R_i(theta_b) - "
                                     "R_i(theta_a); NaN at the last checkpoint"}

@@ -403,7 +403,7 @@ class _Run:
         self.m = Measurement(self.work, tokenizer, config.objective, config.params, forget=data.forget,
                              targets=data.eval_sets, retain=data.train_retain if needs_retain else None,
                              refusals=data.refusals, template=template, verify=config.verify)
-        needs_ref = any(n.startswith("ref_") for t in self.m.objective.terms for n in t.spec.needs)
+        needs_ref = bool(self.m.objective.reference_needs)
         if reference is None and needs_ref:
             reference = copy.deepcopy(model) if inplace else model  # the caller's untouched model is the reference
         # the reference's quantities are taken on each step's batch (sides_for), not on the whole sets

@@ -360,6 +360,11 @@ class Objective:
     def needs(self) -> frozenset[str]:
         return frozenset().union(*(t.spec.needs for t in self.terms))
 
+    @property
+    def reference_needs(self) -> frozenset[str]:
+        """What the objective reads from a frozen reference model (``ref_*`` quantities); empty when none."""
+        return frozenset(n for n in self.needs if n.startswith("ref_"))
+
     def params(self) -> dict[str, Any]:
         """Flat parameters: ``{"npo.beta": 0.1, "gd.weight": 1.0, ...}``."""
         out: dict[str, Any] = {}
